@@ -1,0 +1,197 @@
+"""Stage 2, trace: `torch.fx.symbolic_trace` with a leaf-module policy, then shapes.
+
+`trace_model` returns a `Traced` whose GraphModule has, on every node that
+produces a tensor, `node.meta["tensor_meta"]` (shape, dtype) from a real
+forward pass on the example input, and on nodes that produce plain Python
+values (sizes, ints, tuples) `node.meta["value"]`. Later stages read these.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fxprune.errors import TraceError
+
+# Modules fx must not trace into: their forward is data dependent or they are
+# opaque kernels. The channel analysis freezes whatever they touch.
+_OPAQUE_PREFIXES = ("torchvision.ops.deform_conv", "torchvision.ops.roi", "torchvision.ops.ps_roi")
+_MAX_AUTO_LEAVES = 32
+
+
+@dataclass
+class Traced:
+    """A traced, shape-annotated model.
+
+    `gm` is the GraphModule (of `submodule` when one was given); `example` is
+    the input it was shape-propagated with; `leaves` maps the qualified name
+    of every module kept opaque to the reason why.
+    """
+
+    gm: fx.GraphModule
+    example: torch.Tensor
+    leaves: dict[str, str] = field(default_factory=dict)
+    submodule: str | None = None
+
+
+class LeafPolicyTracer(fx.Tracer):
+    """fx tracer that keeps torch.nn modules, opaque torchvision ops and any
+    module listed in `leaves` as `call_module` nodes."""
+
+    def __init__(self, leaves: dict[str, str]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaves:
+            return True
+        if type(m).__module__.startswith(_OPAQUE_PREFIXES):
+            self.leaves.setdefault(module_qualified_name, "opaque torchvision op")
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def innermost_module(self) -> str:
+        """Qualified name of the module being traced when tracing failed."""
+        for _key, (qualname, _type) in reversed(self.module_stack.items()):
+            if qualname:
+                return qualname
+        return ""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def symbolic_trace(module: nn.Module, leaves: dict[str, str] | None = None) -> fx.GraphModule:
+    """Trace `module`, turning submodules fx cannot trace into recorded leaves.
+
+    When a submodule fails, it becomes a leaf (reason: fx's first error line)
+    and tracing restarts; when the root's own forward fails, a TraceError
+    names it and suggests `--submodule`. `leaves` is filled in place.
+    """
+    leaves = {} if leaves is None else leaves
+    for _ in range(_MAX_AUTO_LEAVES):
+        tracer = LeafPolicyTracer(leaves)
+        try:
+            graph = tracer.trace(module)
+        except Exception as exc:  # fx raises many types: TraceError, TypeError, ...
+            culprit = tracer.innermost_module()
+            if not culprit or culprit in leaves:
+                raise TraceError(
+                    f"torch.fx cannot trace {type(module).__name__}"
+                    f"{f' (in {culprit})' if culprit else ''}: {_first_line(exc)}; "
+                    "trace a part of it with --submodule PATH (e.g. --submodule backbone)"
+                ) from exc
+            leaves[culprit] = f"fx cannot trace inside: {_first_line(exc)}"
+            continue
+        name = type(module).__name__
+        return fx.GraphModule(tracer.root, graph, name)
+    raise TraceError(f"torch.fx cannot trace {type(module).__name__}: too many untraceable parts")
+
+
+class _ValueShapeProp(ShapeProp):
+    """ShapeProp that also records non-tensor results (sizes, ints) in meta["value"].
+
+    With `on_meta`, modules and attributes come from a copy of the model on the
+    meta device, so shapes are found without computing anything.
+    """
+
+    def __init__(self, gm: fx.GraphModule, on_meta: bool) -> None:
+        super().__init__(gm)
+        self.meta_root = _meta_copy(gm) if on_meta else None
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if not isinstance(result, torch.Tensor) and _is_plain_value(result):
+            n.meta["value"] = result
+        return result
+
+    def call_module(self, target, args, kwargs):
+        if self.meta_root is None:
+            return super().call_module(target, args, kwargs)
+        return self.meta_root.get_submodule(target)(*args, **kwargs)
+
+    def get_attr(self, target, args, kwargs):
+        root = self.meta_root if self.meta_root is not None else self.module
+        return self.fetch_attr_from(root, target)
+
+    @staticmethod
+    def fetch_attr_from(root: nn.Module, target: str):
+        obj = root
+        for atom in target.split("."):
+            obj = getattr(obj, atom)
+        return obj
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` whose parameters and buffers live on the meta device."""
+    memo: dict[int, object] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = b.detach().to("meta")
+    return copy.deepcopy(module, memo)
+
+
+def _is_plain_value(value) -> bool:
+    if isinstance(value, (int, float, bool, str, slice, type(None), torch.Size, torch.dtype)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_is_plain_value(v) for v in value)
+    return False
+
+
+def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Annotate every node of `gm` with the shapes of a run on `example`.
+
+    Runs on the meta device (no arithmetic) and falls back to a real forward
+    pass (eval mode, no grad) for ops that have no meta kernel.
+    """
+    gm.eval()
+    try:
+        with torch.no_grad():
+            _ValueShapeProp(gm, on_meta=True).propagate(example.to("meta"))
+        return
+    except Exception:  # some ops have no meta kernel: compute for real
+        pass
+    try:
+        with torch.no_grad():
+            _ValueShapeProp(gm, on_meta=False).propagate(example)
+    except Exception as exc:
+        raise TraceError(
+            f"the model does not run on an input of shape {tuple(example.shape)}: "
+            f"{_first_line(exc)}; pass the right size with --input-shape N,C,H,W"
+        ) from exc
+
+
+def resolve_submodule(module: nn.Module, path: str) -> nn.Module:
+    """Return the submodule at dotted `path`, or raise TraceError listing children."""
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        children = ", ".join(name for name, _ in module.named_children()) or "none"
+        raise TraceError(
+            f"{type(module).__name__} has no submodule '{path}' (its children: {children})"
+        ) from None
+
+
+def trace_model(
+    module: nn.Module, example: torch.Tensor, submodule: str | None = None
+) -> Traced:
+    """Trace a deep copy of `module` (or of its `submodule`) and propagate shapes.
+
+    The input module is never mutated. With `submodule`, `example` must be the
+    input of that submodule.
+    """
+    target = resolve_submodule(module, submodule) if submodule else module
+    target = copy.deepcopy(target).eval()
+    leaves: dict[str, str] = {}
+    gm = symbolic_trace(target, leaves)
+    propagate_shapes(gm, example)
+    return Traced(gm=gm, example=example, leaves=leaves, submodule=submodule)
