@@ -1,0 +1,88 @@
+"""Making channels zero: thresholds, target sparsity, and random test patterns.
+
+ISTA training gives exact zeros; these functions give them to models that
+were not trained that way. Each edits BatchNorm γ (and, where a producer has
+no BatchNorm behind it, the producer's weight rows) of an analysed
+GraphModule in place and returns how many channels it zeroed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxprune.channels import ChannelAnalysis, Group, get_analysis
+
+
+def _bn_users_only(gm: fx.GraphModule, node_name: str) -> bool:
+    node = next(n for n in gm.graph.nodes if n.name == node_name)
+    return bool(node.users) and all(u.meta.get("channel_rule") == "bn" for u in node.users)
+
+
+def zero_classes(gm: fx.GraphModule, group: Group, classes: np.ndarray, *, producers: bool) -> None:
+    """Set γ of `classes` to 0 at every BN site of `group`; with `producers`, also
+    zero the weight rows of producers that feed no BN directly."""
+    analysis = get_analysis(gm)
+    chosen = set(int(c) for c in classes)
+    sites = list(group.bn_sites) + (list(group.producers) if producers else [])
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for site in sites:
+        if site in group.producers and (site.kind == "depthwise" or _bn_users_only(gm, site.node)):
+            continue
+        node = nodes[site.node]
+        ids = node.meta["channels"].reshape(-1)
+        positions = [p for p in site.positions.tolist() if int(analysis.class_of[ids[p]]) in chosen]
+        module = gm.get_submodule(site.module)
+        with torch.no_grad():
+            module.weight[positions] = 0
+            if site in group.producers and module.bias is not None:
+                module.bias[positions] = 0
+
+
+def prunable_classes(group: Group) -> np.ndarray:
+    return np.array([c for c in group.classes.tolist() if c not in group.frozen], dtype=np.int64)
+
+
+def zero_random(gm: fx.GraphModule, fraction: float = 0.5, seed: int = 0) -> int:
+    """Zero about `fraction` of the prunable channels of every group (test pattern)."""
+    rng = np.random.default_rng(seed)
+    total = 0
+    for group in get_analysis(gm).groups:
+        classes = prunable_classes(group)
+        if not len(classes) or not group.bn_sites:
+            continue
+        count = int(round(fraction * len(classes)))
+        chosen = rng.choice(classes, size=count, replace=False)
+        zero_classes(gm, group, chosen, producers=True)
+        total += count
+    return total
+
+
+def randomize_batchnorm(module: nn.Module, seed: int = 0) -> None:
+    """Random BN statistics and affine parameters (eval-mode tests without training)."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            n = m.num_features
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
+                    m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+
+
+def bn_gamma_by_class(gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[int, float]:
+    """max |γ| over the BN sites of each class (0 when every site is zero)."""
+    result: dict[int, float] = {}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for group in analysis.groups:
+        for site in group.bn_sites:
+            ids = nodes[site.node].meta["channels"].reshape(-1)
+            gamma = gm.get_submodule(site.module).weight.detach().abs()
+            for p in site.positions.tolist():
+                c = int(analysis.class_of[ids[p]])
+                result[c] = max(result.get(c, 0.0), float(gamma[p]))
+    return result
