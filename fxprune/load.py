@@ -246,10 +246,15 @@ def _from_checkpoint(path: Path, ckpt: dict) -> Loaded:
     return Loaded(module, torch.empty(0), str(path), shape, meta=dict(ckpt.get("extra") or {}))
 
 
-_ALLOWED_IMPORTS = {"torch", "torch.nn", "torch.nn.functional", "operator", "math", "builtins",
-                    "torchvision", "torchvision.ops", "__future__"}  # fmt: skip
+_ALLOWED_IMPORTS = ("torch", "torchvision", "operator", "math", "builtins", "__future__")
 _FORBIDDEN_NAMES = {"eval", "exec", "compile", "open", "__import__", "globals", "locals", "vars",
                     "setattr", "delattr", "input", "breakpoint"}  # fmt: skip
+_FORBIDDEN_ATTRS = {"load", "save", "hub", "jit", "package", "system", "popen", "utils",
+                    "from_file", "library", "classes", "_C"}  # fmt: skip
+
+
+def _import_allowed(name: str | None) -> bool:
+    return bool(name) and name.split(".")[0] in _ALLOWED_IMPORTS
 
 
 def check_generated_code(code: str, origin: str) -> None:
@@ -265,11 +270,17 @@ def check_generated_code(code: str, origin: str) -> None:
         raise CheckpointError(f"{origin}: architecture source does not parse: {exc.msg}") from None
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            bad = [a.name for a in node.names if a.name not in _ALLOWED_IMPORTS]
+            bad = [a.name for a in node.names if not _import_allowed(a.name)]
         elif isinstance(node, ast.ImportFrom):
-            bad = [] if node.module in _ALLOWED_IMPORTS else [str(node.module)]
-        elif isinstance(node, ast.Attribute) and node.attr.startswith("__"):
-            bad = [node.attr] if node.attr != "__init__" else []
+            bad = [] if _import_allowed(node.module) else [str(node.module)]
+            bad += [a.name for a in node.names if a.name in _FORBIDDEN_ATTRS]
+        elif isinstance(node, ast.Attribute):
+            dunder = node.attr.startswith("__") and node.attr != "__init__"
+            bad = [node.attr] if dunder or node.attr in _FORBIDDEN_ATTRS else []
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", "") == "getattr":
+            name = node.args[1] if len(node.args) > 1 else None
+            plain = isinstance(name, ast.Constant) and isinstance(name.value, str)
+            bad = [] if plain and not name.value.startswith("_") else ["getattr"]
         elif isinstance(node, ast.Name) and node.id in _FORBIDDEN_NAMES:
             bad = [node.id]
         else:
@@ -283,6 +294,10 @@ def module_from_code(code: str, origin: str) -> nn.Module:
     check_generated_code(code, origin)
     namespace: dict = {"__name__": "fxprune_checkpoint"}
     exec(compile(code, f"<{origin}>", "exec"), namespace)  # checked by check_generated_code
+    from fxprune.rewrite import BorderTerm
+
+    if "BorderTerm" in namespace:  # the library's class: TorchScript can read its source
+        namespace["BorderTerm"] = BorderTerm
     build = namespace.get("build_model")
     if not callable(build):
         raise CheckpointError(f"{origin}: architecture source defines no build_model()")

@@ -86,3 +86,65 @@ def bn_gamma_by_class(gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[int
                 c = int(analysis.class_of[ids[p]])
                 result[c] = max(result.get(c, 0.0), float(gamma[p]))
     return result
+
+
+def _candidates(gm: fx.GraphModule) -> list[tuple[Group, int]]:
+    """(group, class) pairs that can be zeroed: prunable classes of groups with BN."""
+    return [
+        (group, int(c))
+        for group in get_analysis(gm).groups
+        if group.bn_sites
+        for c in prunable_classes(group).tolist()
+    ]
+
+
+def apply_threshold(gm: fx.GraphModule, threshold: float) -> int:
+    """Zero the channels whose |γ| ≤ threshold at every BN site; returns how many."""
+    gamma = bn_gamma_by_class(gm, get_analysis(gm))
+    chosen = [(g, c) for g, c in _candidates(gm) if gamma.get(c, 0.0) <= threshold]
+    _zero_pairs(gm, chosen)
+    return len(chosen)
+
+
+def apply_sparsity(gm: fx.GraphModule, fraction: float) -> int:
+    """Zero `fraction` of the prunable channels with the smallest |γ|·cost (Eq. 2 cost)."""
+    analysis = get_analysis(gm)
+    gamma = bn_gamma_by_class(gm, analysis)
+    cost = class_costs(gm, analysis)
+    pairs = _candidates(gm)
+    scores = [gamma.get(c, 0.0) * cost[c] for _g, c in pairs]
+    count = int(round(fraction * len(pairs)))
+    chosen = [pairs[i] for i in np.argsort(scores, kind="stable")[:count]]
+    _zero_pairs(gm, chosen)
+    return len(chosen)
+
+
+def _zero_pairs(gm: fx.GraphModule, pairs: list[tuple[Group, int]]) -> None:
+    by_group: dict[int, tuple[Group, list[int]]] = {}
+    for group, c in pairs:
+        by_group.setdefault(group.index, (group, []))[1].append(c)
+    for group, classes in by_group.values():
+        zero_classes(gm, group, np.array(classes), producers=False)
+
+
+def class_costs(gm: fx.GraphModule, analysis: ChannelAnalysis) -> np.ndarray:
+    """Per-channel compute cost of each class (the bracket of the paper's Eq. 2,
+    summed over every producer and consumer of its group), divided by I_w·I_h."""
+    costs = np.zeros(analysis.num_classes)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for group in analysis.groups:
+        total = 0.0
+        for site in group.producers + group.consumers:
+            module = gm.get_submodule(site.module)
+            shape = nodes[site.node].meta["tensor_meta"].shape
+            spatial = float(np.prod(shape[2:])) if len(shape) > 2 else 1.0
+            kernel = float(np.prod(module.weight.shape[2:])) if module.weight.dim() > 2 else 1.0
+            if site in group.producers:
+                total += kernel * module.weight.shape[1] * spatial
+            else:
+                total += kernel * module.weight.shape[0] * spatial
+        for site in group.bn_sites[:1]:
+            shape = nodes[site.node].meta["tensor_meta"].shape
+            spatial = float(np.prod(shape[2:])) if len(shape) > 2 else 1.0
+            costs[group.classes] = (total + spatial) / spatial
+    return costs

@@ -1,0 +1,40 @@
+# make demo · make test · make bench — each creates .venv if missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch and torchvision resolved together from the registry (see DESIGN.md)
+	$(BIN)/python -m pip install --quiet torch torchvision
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m fxprune.demo
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check fxprune cli zoo tests benchmarks
+	$(BIN)/ruff format --check fxprune cli zoo tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format fxprune cli zoo tests benchmarks
+	$(BIN)/ruff check --fix fxprune cli zoo tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/compile_time.py
+	$(BIN)/python benchmarks/latency.py
+	$(BIN)/python benchmarks/trace_time.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

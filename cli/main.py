@@ -1,0 +1,320 @@
+"""The `fxprune` command: thin typer commands over the library.
+
+Domain errors (FxpruneError) become one line on stderr and exit code 1 (2 for
+usage errors); `--debug` shows the traceback instead, for bug reports.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+import fxprune
+from fxprune.errors import FxpruneError
+
+app = typer.Typer(
+    name="fxprune",
+    help="Channel pruning as a torch.fx compiler pass (Ye et al., ICLR 2018).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+zoo_app = typer.Typer(help="The model registry.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+STATE = {"debug": False}
+
+SourceArg = Annotated[
+    str, typer.Argument(help="zoo:NAME, torchvision:NAME, pkg.module:factory or a .pt file")
+]
+InputShape = Annotated[
+    str | None, typer.Option("--input-shape", help="Example input shape N,C,H,W (default per model)")
+]
+Submodule = Annotated[
+    str | None, typer.Option("--submodule", help="Trace only this submodule, e.g. backbone")
+]
+Weights = Annotated[
+    Path | None, typer.Option("--weights", help="A state_dict to load into the model (strict)")
+]
+TrustPickle = Annotated[
+    bool,
+    typer.Option("--trust-pickle", help="Allow files that unpickle arbitrary objects (runs code)"),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fxprune {fxprune.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for bug reports")] = False,
+) -> None:
+    """fxprune: trace, analyse, ISTA-train, compile and export pruned CNNs."""
+    STATE["debug"] = debug
+
+
+def err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@zoo_app.command("list")
+def zoo_list(
+    pattern: Annotated[str | None, typer.Argument(help="fnmatch pattern, e.g. 'resnet*'")] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="cifar, classification, segmentation, video, detection")
+    ] = None,
+) -> None:
+    """List the registered models with their kind and default input shape."""
+    from tabulate import tabulate
+
+    from fxprune import zoo
+
+    rows = []
+    for name in zoo.list_models(pattern, kind=kind):
+        info = zoo.model_info(name)
+        shape = "x".join(str(d) for d in info.input_shape)
+        rows.append([name, info.kind, shape, info.submodule or ""])
+    typer.echo(tabulate(rows, headers=["model", "kind", "input", "submodule"]))
+    typer.echo(f"{len(rows)} models")
+
+
+@app.command()
+def trace(
+    source: SourceArg,
+    input_shape: InputShape = None,
+    submodule: Submodule = None,
+    weights: Weights = None,
+    fmt: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    penalties: Annotated[
+        bool, typer.Option("--penalties", help="Also print the ISTA penalty λ of each BN (Eq. 2)")
+    ] = False,
+    trust_pickle: TrustPickle = False,
+) -> None:
+    """Trace a model and print its channel groups: what can be pruned together, and why not."""
+    from fxprune.channels import analyse
+    from fxprune.load import load_source, parse_input_shape
+    from fxprune.trace import trace_model
+
+    if fmt not in ("table", "json"):
+        raise typer.BadParameter("--format must be table or json")
+    loaded = load_source(
+        source, weights=weights, input_shape=parse_input_shape(input_shape), trust_pickle=trust_pickle
+    )
+    traced = trace_model(loaded.module, loaded.example, submodule or None)
+    analysis = analyse(traced.gm)
+    lambdas = _penalties(traced, analysis) if penalties else None
+    if fmt == "json":
+        data = analysis.to_json()
+        data["leaves"] = traced.leaves
+        if lambdas is not None:
+            data["penalties"] = lambdas
+        typer.echo(json.dumps(data, indent=2, sort_keys=True))
+        return
+    typer.echo(_groups_table(analysis))
+    for name, reason in traced.leaves.items():
+        typer.echo(f"leaf module {name}: {reason}")
+    if lambdas is not None:
+        from tabulate import tabulate
+
+        typer.echo(tabulate(sorted(lambdas.items()), headers=["BN layer", "λ (Eq. 2)"]))
+    typer.echo(analysis.summary())
+
+
+def _penalties(traced, analysis) -> dict[str, float]:
+    from fxprune.ista import layer_penalties
+
+    return {k: float(v) for k, v in layer_penalties(traced.gm, analysis).items()}
+
+
+def _groups_table(analysis) -> str:
+    from tabulate import tabulate
+
+    def names(sites) -> str:
+        shown = [s.module for s in sites[:3]]
+        return ", ".join(shown) + (f" +{len(sites) - 3}" if len(sites) > 3 else "")
+
+    rows = [
+        [g.index, g.width, names(g.producers), names(g.bn_sites), names(g.consumers), g.status]
+        for g in analysis.groups
+    ]
+    headers = ["id", "width", "producers", "BN sites", "consumers", "status"]
+    return tabulate(rows, headers=headers, maxcolwidths=[None, None, 40, 40, 40, 60])
+
+
+@app.command("compile")
+def compile_cmd(
+    source: SourceArg,
+    out: Annotated[Path, typer.Option("--out", help="The TorchScript artifact to write (.ts)")],
+    weights: Weights = None,
+    input_shape: InputShape = None,
+    submodule: Submodule = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Zero BN γ with |γ| ≤ T before compiling")
+    ] = None,
+    sparsity: Annotated[
+        float | None, typer.Option(help="Zero this fraction of channels (smallest |γ|·cost)")
+    ] = None,
+    absorb: Annotated[
+        str, typer.Option(help="exact (default) or bias: the paper's fold, inexact at borders")
+    ] = "exact",
+    emit_py: Annotated[
+        Path | None, typer.Option("--emit-py", help="Also write standalone Python source + .pt")
+    ] = None,
+    save_checkpoint: Annotated[
+        Path | None, typer.Option("--save-checkpoint", help="Also write an fxprune checkpoint")
+    ] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write a JSON report")] = None,
+    verify: Annotated[
+        int, typer.Option(help="Check the compact model on N random inputs before writing")
+    ] = 3,
+    trust_pickle: TrustPickle = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs")] = False,
+) -> None:
+    """Remove dead channels exactly and write a verified TorchScript artifact."""
+    from fxprune.load import parse_input_shape
+    from fxprune.pipeline import CompileConfig, compile_source
+
+    config = CompileConfig(
+        source=source, out=out, weights=weights, input_shape=parse_input_shape(input_shape),
+        submodule=submodule, threshold=threshold, sparsity=sparsity, absorb=absorb,
+        emit_py=emit_py, save_checkpoint=save_checkpoint, report_json=report,
+        trust_pickle=trust_pickle, force=force, verify=verify,
+    )  # fmt: skip
+    outcome = compile_source(config, progress=lambda msg: err(f"[fxprune] {msg}"))
+    result = outcome.result
+    typer.echo(outcome.table())
+    if outcome.drift is not None:
+        typer.echo(f"zeroed {outcome.zeroed} channels; output drift from zeroing: {outcome.drift:.3e}")
+    if not result.changed:
+        typer.echo("nothing to prune: no channel is constant or dead (train with ISTA, or use "
+                   "--threshold/--sparsity); the artifact is the unchanged model")  # fmt: skip
+    label = "max relative error vs original"
+    if absorb == "bias":
+        label += " (paper's bias fold: inexact at padded borders)"
+    typer.echo(f"removed {result.removed_classes} of {result.total_classes} channels; "
+               f"{label}: {outcome.max_error:.2e}")  # fmt: skip
+    for note in outcome.artifact_warnings:
+        err(f"warning: {note}")
+    for path in outcome.written:
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def report(
+    sources: Annotated[list[str], typer.Argument(help="Models (sources or .ts artifacts)")],
+    fmt: Annotated[str, typer.Option("--format", help="text, github, latex, csv or json")] = "text",
+    names: Annotated[str | None, typer.Option(help="Comma-separated row names")] = None,
+    input_shape: InputShape = None,
+    trust_pickle: TrustPickle = False,
+) -> None:
+    """Paper-style table: parameters, fvcore FLOPs and layer widths per model."""
+    from fxprune.load import load_source, parse_input_shape
+    from fxprune.report import ModelSummary, count_model, summary_table
+
+    shape = parse_input_shape(input_shape)
+    rows = []
+    for source in sources:
+        loaded = load_source(source, input_shape=shape, trust_pickle=trust_pickle)
+        rows.append(ModelSummary.from_counts(count_model(loaded.module, loaded.example)))
+    labels = names.split(",") if names else [Path(s).stem if ":" not in s else s for s in sources]
+    if len(labels) != len(rows):
+        raise typer.BadParameter(f"--names has {len(labels)} names for {len(rows)} models")
+    typer.echo(summary_table(rows, names=labels, fmt=fmt))
+
+
+@app.command()
+def doctor(
+    source: SourceArg,
+    input_shape: InputShape = None,
+    submodule: Submodule = None,
+    weights: Weights = None,
+    trust_pickle: TrustPickle = False,
+) -> None:
+    """Trace, analyse and compile with random zeros; print what was frozen and why."""
+    from collections import Counter
+
+    from fxprune.channels import analyse
+    from fxprune.compile import compile_model, run_model
+    from fxprune.load import load_source, parse_input_shape
+    from fxprune.pipeline import verify_equal
+    from fxprune.sparsify import zero_random
+    from fxprune.trace import trace_model
+
+    loaded = load_source(
+        source, weights=weights, input_shape=parse_input_shape(input_shape), trust_pickle=trust_pickle
+    )
+    traced = trace_model(loaded.module, loaded.example, submodule or None)
+    analysis = analyse(traced.gm)
+    typer.echo(analysis.summary())
+    reasons = Counter(r for g in analysis.groups for r in set(g.frozen.values()))
+    for reason, count in reasons.most_common():
+        typer.echo(f"frozen ({count} group(s)): {reason}")
+    for name, reason in traced.leaves.items():
+        typer.echo(f"leaf module {name}: {reason}")
+    zeroed = zero_random(traced.gm, 0.5, seed=0)
+    run_model(traced.gm, traced.example)
+    result = compile_model(traced)
+    error = verify_equal(traced.gm, result.gm, traced.example, 3, 0)
+    status = "OK" if error <= 1e-4 else "MISMATCH (please report this model)"
+    typer.echo(f"random zeros: {zeroed} channels zeroed, {result.removed_classes} removed, "
+               f"max relative error {error:.2e}: {status}")  # fmt: skip
+    if error > 1e-4:
+        raise typer.Exit(1)
+
+
+def _register_optional_commands() -> None:
+    try:
+        from fxprune.cli import train_cmd
+    except ImportError:  # pragma: no cover - present in every release
+        return
+    train_cmd.register(app)
+
+
+_register_optional_commands()
+
+
+def run() -> None:
+    """Console entry point: one line on stderr for user errors, never a traceback."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*TorchScript.*")
+    try:
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except FxpruneError as exc:
+        if STATE["debug"]:
+            raise
+        err(f"error: {exc}")
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if STATE["debug"]:
+            raise
+        err(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug and report it)")
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,115 @@
+"""The compiler's correctness contract, checked with real forward passes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import compile_checked, params
+from test_channels import Concat, Flatten, Residual, SqueezeExcite, cbr
+from torch import nn
+
+from fxprune import zoo
+from fxprune.channels import analyse, get_analysis
+from fxprune.compile import compile_model, max_relative_error, run_model
+from fxprune.sparsify import zero_classes
+from fxprune.trace import trace_model
+
+TOL = 1e-4
+
+SMALL_MODELS = {
+    "residual": (Residual, (2, 3, 16, 16)),
+    "concat": (Concat, (2, 3, 16, 16)),
+    "squeeze_excite": (SqueezeExcite, (2, 3, 16, 16)),
+    "flatten": (Flatten, (2, 3, 16, 16)),
+    "depthwise": (lambda: nn.Sequential(cbr(3, 8, 1), cbr(8, 8, 3, 8), cbr(8, 8, 3, 2), cbr(8, 4)),
+                  (2, 3, 16, 16)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_MODELS))
+@pytest.mark.parametrize("fraction", [0.3, 0.7, 1.0])
+def test_small_models_compile_exactly(name, fraction):
+    factory, shape = SMALL_MODELS[name]
+    traced, result, errors = compile_checked(factory(), shape, fraction=fraction)
+    assert max(errors) <= TOL, errors
+    if fraction >= 0.7:  # at 0.3 a grouped conv may balance every removal away
+        assert result.removed_classes > 0
+        assert params(result.gm) < params(traced.gm)
+
+
+def test_input_model_is_not_mutated():
+    model = zoo.create_model("resnet20").eval()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    traced = trace_model(model, x)
+    analyse(traced.gm)
+    compile_model(traced)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_nothing_to_prune_keeps_the_function():
+    model = zoo.create_model("resnet20")
+    x = torch.randn(1, 3, 32, 32)
+    traced = trace_model(model, x)
+    analyse(traced.gm)
+    result = compile_model(traced)
+    assert result.removed_classes == 0
+    assert max_relative_error(run_model(traced.gm, x), run_model(result.gm, x)) == 0.0
+
+
+def test_whole_residual_branch_becomes_a_constant():
+    model = zoo.create_model("resnet20")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.layer2[1].bn2.weight.zero_()
+        model.layer2[1].bn2.bias.uniform_(-1, 1)
+    traced = trace_model(model, x)
+    analyse(traced.gm)
+    result = compile_model(traced)
+    assert not any(n.startswith("layer2.1.conv") for n, _ in result.gm.named_modules())
+    assert any("constant" in note for note in result.notes)
+    assert max_relative_error(run_model(traced.gm, x), run_model(result.gm, x)) <= TOL
+
+
+def test_whole_group_keeps_one_channel():
+    model = nn.Sequential(cbr(3, 6), cbr(6, 4))
+    x = torch.randn(1, 3, 8, 8)
+    traced = trace_model(model, x)
+    analysis = analyse(traced.gm)
+    group = next(g for g in analysis.groups if any(s.module == "0.0" for s in g.producers))
+    zero_classes(traced.gm, group, group.classes, producers=False)
+    result = compile_model(traced)
+    assert result.gm.get_submodule("0.0").out_channels == 1
+    assert any("kept 1 channel" in n for n in result.notes)
+    assert max_relative_error(run_model(traced.gm, x), run_model(result.gm, x)) <= TOL
+
+
+def test_bias_absorption_has_border_error_exact_has_none():
+    model = nn.Sequential(cbr(3, 8), nn.Conv2d(8, 4, 3, padding=1))
+    with torch.no_grad():
+        model[0][1].weight[:4] = 0
+        model[0][1].bias[:4] = 1.0  # constant ReLU(1) = 1 flows into a padded conv
+    shape = (1, 3, 12, 12)
+    kwargs = {"fraction": 0.0, "randomize": False}
+    _, exact, exact_err = compile_checked(copy.deepcopy(model), shape, **kwargs)
+    _, paper, paper_err = compile_checked(copy.deepcopy(model), shape, absorb="bias", **kwargs)
+    assert exact.removed_classes == paper.removed_classes == 4
+    assert max(exact_err) <= 1e-6
+    assert max(paper_err) > 1e-3
+
+
+def test_compiled_code_is_readable_python():
+    _, result, _ = compile_checked(zoo.create_model("resnet20"), (1, 3, 32, 32))
+    code = result.gm.code
+    assert "def forward(self, x" in code and "layer1_0_conv1" in code
+
+
+def test_analysis_is_consistent_with_module_widths():
+    traced = trace_model(zoo.create_model("resnet20"), torch.randn(1, 3, 32, 32))
+    analysis = analyse(traced.gm)
+    assert get_analysis(traced.gm) is analysis
+    for group in analysis.groups:
+        for site in group.producers + group.bn_sites + group.consumers:
+            assert len(site.positions) <= group.width or site.kind == "linear"
