@@ -33,7 +33,8 @@ SourceArg = Annotated[
     str, typer.Argument(help="zoo:NAME, torchvision:NAME, pkg.module:factory or a .pt file")
 ]
 InputShape = Annotated[
-    str | None, typer.Option("--input-shape", help="Example input shape N,C,H,W (default per model)")
+    str | None,
+    typer.Option("--input-shape", help="Example input shape N,C,H,W (default per model)"),
 ]
 Submodule = Annotated[
     str | None, typer.Option("--submodule", help="Trace only this submodule, e.g. backbone")
@@ -109,7 +110,10 @@ def trace(
     if fmt not in ("table", "json"):
         raise typer.BadParameter("--format must be table or json")
     loaded = load_source(
-        source, weights=weights, input_shape=parse_input_shape(input_shape), trust_pickle=trust_pickle
+        source,
+        weights=weights,
+        input_shape=parse_input_shape(input_shape),
+        trust_pickle=trust_pickle,
     )
     traced = trace_model(loaded.module, loaded.example, submodule or None)
     analysis = analyse(traced.gm)
@@ -195,7 +199,9 @@ def compile_cmd(
     result = outcome.result
     typer.echo(outcome.table())
     if outcome.drift is not None:
-        typer.echo(f"zeroed {outcome.zeroed} channels; output drift from zeroing: {outcome.drift:.3e}")
+        typer.echo(
+            f"zeroed {outcome.zeroed} channels; output drift from zeroing: {outcome.drift:.3e}"
+        )
     if not result.changed:
         typer.echo("nothing to prune: no channel is constant or dead (train with ISTA, or use "
                    "--threshold/--sparsity); the artifact is the unchanged model")  # fmt: skip
@@ -252,7 +258,10 @@ def doctor(
     from fxprune.trace import trace_model
 
     loaded = load_source(
-        source, weights=weights, input_shape=parse_input_shape(input_shape), trust_pickle=trust_pickle
+        source,
+        weights=weights,
+        input_shape=parse_input_shape(input_shape),
+        trust_pickle=trust_pickle,
     )
     traced = trace_model(loaded.module, loaded.example, submodule or None)
     analysis = analyse(traced.gm)

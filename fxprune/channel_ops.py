@@ -109,8 +109,10 @@ def binary(lab, node: fx.Node) -> None:
         if shape is None:
             continue  # a plain number computed in the graph
         offset = len(out) - len(shape)
-        if offset == 0 and ids is not None and tuple(shape[1 : 1 + ids.ndim]) == tuple(
-            out[1 : 1 + ids.ndim]
+        if (
+            offset == 0
+            and ids is not None
+            and tuple(shape[1 : 1 + ids.ndim]) == tuple(out[1 : 1 + ids.ndim])
         ):
             aligned.append(ids)
         elif (offset == 0 and shape[1] == 1) or offset >= 2 or (offset == 1 and shape[0] == 1):

@@ -84,7 +84,9 @@ def concrete(arg):
 def op_name(node: fx.Node) -> str:
     """A short human name for the op a node runs."""
     if node.op == "call_module":
-        return f"{node.target} ({type(node.graph.owning_module.get_submodule(node.target)).__name__})"
+        return (
+            f"{node.target} ({type(node.graph.owning_module.get_submodule(node.target)).__name__})"
+        )
     if node.op == "call_method":
         return f".{node.target}()"
     return getattr(node.target, "__name__", str(node.target))
@@ -225,7 +227,11 @@ class ChannelLabeller:
 
     def passthrough(self, node: fx.Node, ids: np.ndarray, rule: str) -> None:
         shape = tensor_shape(node)
-        if shape is None or len(shape) < 1 + ids.ndim or tuple(shape[1 : 1 + ids.ndim]) != ids.shape:
+        if (
+            shape is None
+            or len(shape) < 1 + ids.ndim
+            or tuple(shape[1 : 1 + ids.ndim]) != ids.shape
+        ):
             return self.frozen_output(node, f"{op_name(node)}: changes the channel count")
         if ids.ndim != 1 and rule != "elementwise":
             return self.frozen_output(node, f"{op_name(node)}: inside a channel shuffle")

@@ -229,4 +229,3 @@ def _collect_groups(gm, labeller, class_of, group_root, frozen):
         group_of_class[group.classes] = index
         group.frozen = {int(c): frozen[int(c)] for c in group.classes if int(c) in frozen}
     return groups, group_of_class
-

@@ -37,7 +37,9 @@ class CompileOptions:
 
     def __post_init__(self) -> None:
         if self.absorb not in ABSORB_MODES:
-            raise UsageError(f"--absorb must be one of {', '.join(ABSORB_MODES)}, not '{self.absorb}'")
+            raise UsageError(
+                f"--absorb must be one of {', '.join(ABSORB_MODES)}, not '{self.absorb}'"
+            )
 
 
 @dataclass
@@ -87,14 +89,18 @@ def removable_classes(gm: fx.GraphModule, analysis: ChannelAnalysis, live: Liven
     ok[list(analysis.frozen)] = False
     for node in channel_nodes(gm):
         ids, const, dead = node.meta["channels"], live.const[node], live.dead[node]
-        pieces = zip(ids, const, dead, strict=True) if isinstance(ids, list) else [(ids, const, dead)]
+        pieces = (
+            zip(ids, const, dead, strict=True) if isinstance(ids, list) else [(ids, const, dead)]
+        )
         for i, c, d in pieces:
             if i is not None:
                 ok[analysis.class_of[flat(i)][~(c | d)]] = False
     return ok
 
 
-def balance_and_keep(gm: fx.GraphModule, analysis: ChannelAnalysis, removed: np.ndarray) -> list[str]:
+def balance_and_keep(
+    gm: fx.GraphModule, analysis: ChannelAnalysis, removed: np.ndarray
+) -> list[str]:
     """Shrink `removed` (in place) until grouped convs stay balanced and no
     tensor loses all its channels. Returns notes on what was kept."""
     notes: list[str] = []

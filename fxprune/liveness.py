@@ -258,13 +258,17 @@ def _reads(user: fx.Node, inp: fx.Node, dead: dict, modules):
 def _structural_reads(user: fx.Node, inp: fx.Node, dead: dict):
     """A position of `inp` is read when some live output position has its raw id."""
     out_ids, out_dead = user.meta["channels"], dead[user]
-    pairs = zip(out_ids, out_dead, strict=True) if isinstance(out_ids, list) else [(out_ids, out_dead)]
+    pairs = (
+        zip(out_ids, out_dead, strict=True) if isinstance(out_ids, list) else [(out_ids, out_dead)]
+    )
     live_ids: set[int] = set()
     for i, d in pairs:
         if i is not None:
             live_ids.update(r for r, dd in zip(flat(i).tolist(), d.tolist(), strict=True) if not dd)
-    if user.op == "call_function" and user.target.__name__ == "getitem" and isinstance(
-        inp.meta.get("channels"), list
+    if (
+        user.op == "call_function"
+        and user.target.__name__ == "getitem"
+        and isinstance(inp.meta.get("channels"), list)
     ):
         index = concrete(user.args[1])
         masks = _all(inp, dead, False)

@@ -50,7 +50,9 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
     try:
         shape = tuple(int(part) for part in text.replace("x", ",").split(","))
     except ValueError:
-        raise UsageError(f"--input-shape '{text}' is not a list of integers like 1,3,224,224") from None
+        raise UsageError(
+            f"--input-shape '{text}' is not a list of integers like 1,3,224,224"
+        ) from None
     if len(shape) < 2 or any(d <= 0 for d in shape):
         raise UsageError(f"--input-shape '{text}' needs at least 2 positive sizes, e.g. 1,3,32,32")
     return shape
@@ -210,7 +212,9 @@ def checkpoint_dict(
     state_dict, the input shape and the fxprune version."""
     if (source is None) == (code is None):
         raise ValueError("give exactly one of source= or code=")
-    architecture = {"kind": "source", "source": source} if source else {"kind": "python", "code": code}
+    architecture = (
+        {"kind": "source", "source": source} if source else {"kind": "python", "code": code}
+    )
     return {
         "format": CHECKPOINT_FORMAT,
         "fxprune_version": fxprune.__version__,

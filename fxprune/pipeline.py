@@ -15,7 +15,13 @@ import torch
 
 import fxprune
 from fxprune.channels import ChannelAnalysis, analyse
-from fxprune.compile import CompileOptions, CompileResult, compile_model, max_relative_error, run_model
+from fxprune.compile import (
+    CompileOptions,
+    CompileResult,
+    compile_model,
+    max_relative_error,
+    run_model,
+)
 from fxprune.errors import UsageError, VerificationError
 from fxprune.load import Loaded, checkpoint_dict, load_source, save_checkpoint
 from fxprune.report import ModelCounts, count_model, layer_table
@@ -126,7 +132,9 @@ def compile_source(config: CompileConfig, progress: Progress | None = None) -> C
         )
     say("counting FLOPs and parameters (fvcore)")
     before, after = count_model(traced.gm, traced.example), count_model(result.gm, traced.example)
-    outcome = CompileOutcome(loaded, traced, analysis, result, zeroed, drift, max_error, before, after)
+    outcome = CompileOutcome(
+        loaded, traced, analysis, result, zeroed, drift, max_error, before, after
+    )
     _write_outputs(outcome, config, protect, say)
     return outcome
 
@@ -141,7 +149,13 @@ def _check_outputs(config: CompileConfig, protect: list[Path]) -> None:
     from fxprune.export import check_target
 
     emitted_weights = emitted_weights_path(config.emit_py) if config.emit_py else None
-    outputs = (config.out, config.emit_py, emitted_weights, config.save_checkpoint, config.report_json)
+    outputs = (
+        config.out,
+        config.emit_py,
+        emitted_weights,
+        config.save_checkpoint,
+        config.report_json,
+    )
     for path in outputs:
         if path is not None:
             check_target(path, force=config.force, protect=protect)
@@ -166,9 +180,14 @@ def verify_equal(original, compiled, example: torch.Tensor, count: int, seed: in
     """Max relative output error over the example and `count - 1` random inputs."""
     gen = torch.Generator().manual_seed(seed + 1)
     inputs = [example] + [torch.randn(example.shape, generator=gen) for _ in range(count - 1)]
-    return max(
-        max_relative_error(run_model(original, x), run_model(compiled, x)) for x in inputs[:count]
-    ) if count else 0.0
+    return (
+        max(
+            max_relative_error(run_model(original, x), run_model(compiled, x))
+            for x in inputs[:count]
+        )
+        if count
+        else 0.0
+    )
 
 
 def artifact_metadata(outcome: CompileOutcome, absorb: str) -> dict:

@@ -181,9 +181,7 @@ def resolve_submodule(module: nn.Module, path: str) -> nn.Module:
         ) from None
 
 
-def trace_model(
-    module: nn.Module, example: torch.Tensor, submodule: str | None = None
-) -> Traced:
+def trace_model(module: nn.Module, example: torch.Tensor, submodule: str | None = None) -> Traced:
     """Trace a deep copy of `module` (or of its `submodule`) and propagate shapes.
 
     The input module is never mutated. With `submodule`, `example` must be the
