@@ -1,0 +1,69 @@
+"""Eager and TorchScript latency of resnet50 vs its compact version (half of every
+prunable group removed), beside the fvcore FLOP ratio. Goal: latency ratio
+within 1.2x of the FLOP ratio. Measured interleaved in one run.
+
+Run: .venv/bin/python benchmarks/latency.py [--batch 8] [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+
+from fxprune import zoo
+from fxprune.channels import analyse
+from fxprune.compile import compile_model
+from fxprune.report import count_model
+from fxprune.sparsify import randomize_batchnorm, zero_random
+from fxprune.trace import trace_model
+
+warnings.filterwarnings("ignore")
+
+
+def timed(module, x) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        module(x)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    model = zoo.create_model(args.model).eval()
+    randomize_batchnorm(model)
+    shape = zoo.model_info(args.model).input_shape
+    x = torch.randn((args.batch, *shape[1:]))
+    traced = trace_model(model, x[:1])
+    analyse(traced.gm)
+    zero_random(traced.gm, 0.5)
+    compact = compile_model(traced).gm.eval()
+    flops = count_model(traced.gm, x[:1]).flops / count_model(compact, x[:1]).flops
+    variants = {"eager": (traced.gm.eval(), compact)}
+    variants["torchscript"] = tuple(
+        torch.jit.freeze(torch.jit.script(m)) for m in variants["eager"]
+    )
+    print(f"{args.model} batch {args.batch}, threads {torch.get_num_threads()}, "
+          f"fvcore FLOP ratio {flops:.2f}x")  # fmt: skip
+    for kind, (orig, small) in variants.items():
+        for _ in range(2):  # warm-up
+            timed(orig, x), timed(small, x)
+        a, b = [], []
+        for _ in range(args.repeats):  # interleaved
+            a.append(timed(orig, x))
+            b.append(timed(small, x))
+        ta, tb = statistics.median(a), statistics.median(b)
+        ratio = ta / tb
+        print(f"{kind:12} original {ta * 1e3:8.1f} ms  compact {tb * 1e3:8.1f} ms  "
+              f"speed-up {ratio:.2f}x  (FLOP ratio / speed-up = {flops / ratio:.2f})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
