@@ -15,6 +15,7 @@ graph once and reads each channel at the first spatial position.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,8 +80,24 @@ def probe_values(gm: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, obj
     return probe.values
 
 
+_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _weight_matrix(module: nn.Module) -> np.ndarray:
-    """Dense (out, in, k) view of a conv/linear weight; grouped convs are expanded."""
+    """Dense (out, in, k) view of a conv/linear weight; grouped convs are expanded.
+
+    Cached per module until its weight is replaced or edited in place.
+    """
+    key = (id(module.weight), module.weight._version)
+    cached = _WEIGHTS.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    matrix = _dense_weight(module)
+    _WEIGHTS[module] = (key, matrix)
+    return matrix
+
+
+def _dense_weight(module: nn.Module) -> np.ndarray:
     w = module.weight.detach().double().cpu()
     groups = getattr(module, "groups", 1)
     w = w.reshape(w.shape[0], w.shape[1], -1)

@@ -45,6 +45,16 @@ class BorderTerm(nn.Module):
         return F.conv3d(ones, self.kernel, None, self.stride, self.padding, self.dilation)
 
 
+def fresh_copy(module: nn.Module) -> nn.Module:
+    """A shallow copy whose parameter/buffer tables can be replaced without
+    touching `module` (no tensor data is copied)."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    return new
+
+
 def replace_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     """Swap the submodule at dotted `target` for `module`."""
     parent_name, _, name = target.rpartition(".")
@@ -130,7 +140,7 @@ class Rewriter:
         in_keep, out_keep = self.keep[x], self.keep[node]
         if in_keep.all() and out_keep.all():
             return
-        new = copy.deepcopy(module)
+        new = fresh_copy(module)
         if node.meta["channel_rule"] == "depthwise":
             self._slice_out(new, module, out_keep)
             new.in_channels = new.groups = int(out_keep.sum())
@@ -217,7 +227,7 @@ class Rewriter:
         if keep.all():
             return
         module = self.modules[node.target]
-        new = copy.deepcopy(module)
+        new = fresh_copy(module)
         idx = torch.as_tensor(np.nonzero(keep)[0])
         for name in ("weight", "bias"):
             value = getattr(module, name, None)
