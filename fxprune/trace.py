@@ -50,6 +50,8 @@ class LeafPolicyTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaves:
             return True
+        if _plain_subclass(m):
+            return True  # e.g. torchvision's Conv3DSimple(nn.Conv3d): a conv, not a graph
         if type(m).__module__.startswith(_OPAQUE_PREFIXES):
             self.leaves.setdefault(module_qualified_name, "opaque torchvision op")
             return True
@@ -61,6 +63,18 @@ class LeafPolicyTracer(fx.Tracer):
             if qualname:
                 return qualname
         return ""
+
+
+_LAYER_BASES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d,
+                nn.BatchNorm3d)  # fmt: skip
+
+
+def _plain_subclass(m: nn.Module) -> bool:
+    """A subclass of a torch.nn layer that keeps the layer's own forward."""
+    for base in _LAYER_BASES:
+        if isinstance(m, base) and type(m).forward is base.forward:
+            return True
+    return False
 
 
 def _first_line(exc: BaseException) -> str:
