@@ -283,11 +283,17 @@ def doctor(
 
 
 def _register_optional_commands() -> None:
-    try:
-        from fxprune.cli import train_cmd
-    except ImportError:  # pragma: no cover - present in every release
-        return
-    train_cmd.register(app)
+    """Command modules that register themselves on the app (train, deploy)."""
+    import importlib
+
+    for name in ("train_cmd", "deploy_cmd"):
+        try:
+            module = importlib.import_module(f"fxprune.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"fxprune.cli.{name}":
+                raise
+            continue
+        module.register(app)
 
 
 _register_optional_commands()

@@ -60,6 +60,7 @@ REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 SPLIT_FUNCTIONS = {torch.split, torch.chunk}
 SPLIT_METHODS = {"split", "chunk"}
+AUGMENTED = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "iand", "ior", "ixor"}
 PLAIN_VALUE_FUNCTIONS = {builtins.getattr, operator.floordiv, operator.mod, len}
 PLAIN_VALUE_METHODS = {"size", "dim"}
 
@@ -171,8 +172,23 @@ class ChannelLabeller:
     def on_output(self, node: fx.Node) -> None:
         self.freeze_inputs(node, "model output")
 
+    def mutates_shared_input(self, node: fx.Node) -> bool:
+        """An in-place op on a tensor that other nodes also read: they would see
+        the mutated values, which the graph does not show. Skip, never guess."""
+        x = node.args[0] if node.args else None
+        if not isinstance(x, fx.Node) or len(x.users) <= 1:
+            return False
+        if node.op == "call_module":
+            return bool(getattr(self.modules[node.target], "inplace", False))
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        in_place = name.endswith("_") and not name.endswith("__")
+        augmented = node.op == "call_function" and name in AUGMENTED
+        return in_place or augmented or bool(node.kwargs.get("inplace", False))
+
     def on_call_module(self, node: fx.Node) -> None:
         module = self.modules[node.target]
+        if self.mutates_shared_input(node):
+            return self.frozen_output(node, f"{op_name(node)}: in-place on a shared tensor")
         stateful = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
         if stateful and self.module_calls[node.target] > 1:
             return self.frozen_output(node, f"{op_name(node)}: module called more than once")
@@ -252,6 +268,8 @@ class ChannelLabeller:
             if reads_values and any(_has_channels(i) for i in node.all_input_nodes):
                 self.freeze_inputs(node, f"{op_name(node)}: reads channels into a Python value")
             return
+        if self.mutates_shared_input(node):
+            return self.frozen_output(node, f"{op_name(node)}: in-place on a shared tensor")
         handler = channel_ops.handler_for(target, is_method)
         if handler is None:
             return self.frozen_output(node, f"{op_name(node)}: op not understood")

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxprune.channel_rules import AUGMENTED
 from fxprune.channels import ChannelAnalysis, analyse
 from fxprune.errors import CompileError, UsageError
 from fxprune.liveness import Liveness, channel_nodes, find_liveness, flat
@@ -73,7 +74,7 @@ def compile_model(traced: Traced, options: CompileOptions | None = None) -> Comp
     rewriter.apply()
     notes += rewriter.notes
     gm.graph.lint()
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     gm.delete_all_unused_submodules()
     gm.recompile()
     for node in gm.graph.nodes:  # structure changed: the old analysis is stale
@@ -81,6 +82,51 @@ def compile_model(traced: Traced, options: CompileOptions | None = None) -> Comp
         node.meta.pop("channel_rule", None)
     gm.meta.clear()
     return CompileResult(gm, int(removed.sum()), analysis.num_classes, notes)
+
+
+_PURE_MODULES = ("torch", "operator", "_operator", "math", "builtins")
+
+
+def _mutates_input(node: fx.Node, gm: fx.GraphModule) -> bool:
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    in_place_name = name.endswith("_") and not name.endswith("__")
+    augmented = node.op == "call_function" and name in AUGMENTED
+    return in_place_name or augmented or bool(node.kwargs.get("inplace", False))
+
+
+def _side_effect_free(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "get_attr" or node.op == "call_method":
+        return True
+    if node.op == "call_module":
+        module = type(gm.get_submodule(node.target))
+        return module.__module__.startswith("torch.nn") or module.__name__ == "BorderTerm"
+    if node.op == "call_function":
+        module = getattr(node.target, "__module__", None) or ""
+        return module.split(".")[0] in _PURE_MODULES
+    return False
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> None:
+    """Erase unused nodes that provably have no side effects.
+
+    fx's own pass treats every call as pure; wrapped user functions and
+    in-place ops (`x.add_(y)` whose result is unused) must stay.
+    """
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(gm.graph.nodes)):
+            if node.users or node.op in ("placeholder", "output"):
+                continue
+            if not _side_effect_free(node, gm):
+                continue
+            if _mutates_input(node, gm) and node.args and isinstance(node.args[0], fx.Node):
+                if len(node.args[0].users) > 1:
+                    continue
+            gm.graph.erase_node(node)
+            changed = True
 
 
 def removable_classes(gm: fx.GraphModule, analysis: ChannelAnalysis, live: Liveness) -> np.ndarray:

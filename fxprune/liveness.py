@@ -178,7 +178,10 @@ def _forward_const(gm, modules) -> dict:
         ids, rule = node.meta["channels"], node.meta["channel_rule"]
         if isinstance(ids, list):
             table = _input_state(node, const, default=True)
-            const[node] = [np.array([table.get(r, False) for r in flat(i)]) for i in ids]
+            const[node] = [
+                np.array([table.get(r, False) for r in flat(i)], bool) if i is not None else None
+                for i in ids
+            ]
             continue
         n = flat(ids).size
         x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
@@ -199,7 +202,7 @@ def _forward_const(gm, modules) -> dict:
             const[node] = x_const | (gamma == 0) if gamma is not None else x_const.copy()
         elif rule == "elementwise":
             aligned, other = aligned_operands(node)
-            result = np.ones(n, bool) if not other else np.zeros(n, bool)
+            result = np.full(n, bool(aligned) and not other)
             for inp in aligned:
                 result &= const[inp]
             const[node] = result

@@ -27,7 +27,7 @@ def fix_literal_channel_args(node: fx.Node, keep: dict) -> None:
         _fix_slice(node, keep)
     elif name == "narrow":
         _fix_narrow(node, keep)
-    elif name == "expand":
+    elif name == "expand" and not np.all(keep[node]):
         _fix_expand(node)
 
 
@@ -105,6 +105,7 @@ def _fix_narrow(node: fx.Node, keep: dict) -> None:
 
 
 def _fix_expand(node: fx.Node) -> None:
+    # The channel axis is not broadcast here (the rule froze that case), so -1 keeps it.
     sizes = list(node.args[1:])
     if len(sizes) > 1 and isinstance(sizes[1], int):
         sizes[1] = -1  # keep the (compacted) channel count

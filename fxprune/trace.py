@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from fxprune.errors import TraceError
 
@@ -109,7 +110,7 @@ def symbolic_trace(module: nn.Module, leaves: dict[str, str] | None = None) -> f
     raise TraceError(f"torch.fx cannot trace {type(module).__name__}: too many untraceable parts")
 
 
-class _ValueShapeProp(ShapeProp):
+class _ValueShapeProp(fx.Interpreter):
     """ShapeProp that also records non-tensor results (sizes, ints) in meta["value"].
 
     With `on_meta`, modules and attributes come from a copy of the model on the
@@ -120,9 +121,24 @@ class _ValueShapeProp(ShapeProp):
         super().__init__(gm)
         self.meta_root = _meta_copy(gm) if on_meta else None
 
+    def propagate(self, *args):
+        return self.run(*args)
+
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
-        if not isinstance(result, torch.Tensor) and _is_plain_value(result):
+        found = False
+
+        def tensor_meta(obj):
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, tensor_meta)
+        if found:
+            n.meta["tensor_meta"] = meta
+        elif _is_plain_value(result):
             n.meta["value"] = result
         return result
 

@@ -113,3 +113,28 @@ def test_analysis_is_consistent_with_module_widths():
     for group in analysis.groups:
         for site in group.producers + group.bn_sites + group.consumers:
             assert len(site.positions) <= group.width or site.kind == "linear"
+
+
+@torch.fx.wrap
+def add_into(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    x.add_(y)  # mutates x; the caller ignores the result (as torchvision's MViT does)
+    return x
+
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = cbr(3, 6), cbr(6, 6), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = self.b(y)
+        add_into(z, y)  # result unused: must not be removed as dead code
+        w = torch.relu_(y)  # in-place on a tensor read again below
+        return self.c(z) + self.c.weight.sum() * w.mean()
+
+
+def test_side_effects_and_in_place_ops_are_respected():
+    traced, result, errors = compile_checked(InPlace(), (2, 3, 8, 8), fraction=0.5)
+    assert max(errors) <= TOL, errors
+    assert "add_into" in result.gm.code
