@@ -10,6 +10,7 @@ edit and own the result; fxprune checkpoints of compiled models store it.
 from __future__ import annotations
 
 import inspect
+import re
 import textwrap
 
 import torch
@@ -34,7 +35,9 @@ from torch import nn
 
 
 def _flat(name: str) -> str:
-    return name.replace(".", "_")
+    """A Python identifier for a dotted module path: `features.0` -> `features_0`, `0` -> `m0`."""
+    flat = re.sub(r"\W", "_", name)
+    return f"m{flat}" if flat[:1].isdigit() else flat
 
 
 def flat_module(gm: fx.GraphModule) -> fx.GraphModule:

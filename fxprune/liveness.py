@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune.channel_rules import concrete, tensor_shape
+from fxprune.trace import mutable_copy
 
 PLAIN_READS = {"size", "dim"}
 
@@ -54,6 +55,10 @@ class _Probe(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
         self.values: dict[fx.Node, object] = {}
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node):
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return mutable_copy(args), mutable_copy(kwargs)
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)

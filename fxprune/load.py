@@ -252,7 +252,7 @@ def _from_checkpoint(path: Path, ckpt: dict) -> Loaded:
 
 _ALLOWED_IMPORTS = ("torch", "torchvision", "operator", "math", "builtins", "__future__")
 _FORBIDDEN_NAMES = {"eval", "exec", "compile", "open", "__import__", "globals", "locals", "vars",
-                    "setattr", "delattr", "input", "breakpoint"}  # fmt: skip
+                    "setattr", "delattr", "breakpoint"}  # fmt: skip
 _FORBIDDEN_ATTRS = {"load", "save", "hub", "jit", "package", "system", "popen", "utils",
                     "from_file", "library", "classes", "_C"}  # fmt: skip
 

@@ -124,6 +124,10 @@ class _ValueShapeProp(fx.Interpreter):
     def propagate(self, *args):
         return self.run(*args)
 
+    def fetch_args_kwargs_from_env(self, n: fx.Node):
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return mutable_copy(args), mutable_copy(kwargs)
+
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
         found = False
@@ -157,6 +161,18 @@ class _ValueShapeProp(fx.Interpreter):
         for atom in target.split("."):
             obj = getattr(obj, atom)
         return obj
+
+
+def mutable_copy(value):
+    """fx hands calls immutable lists and dicts; generated code passes plain ones
+    (some callees, e.g. torchvision's 3-D Swin, mutate their arguments)."""
+    if isinstance(value, tuple):
+        return tuple(mutable_copy(v) for v in value)
+    if isinstance(value, list):
+        return [mutable_copy(v) for v in value]
+    if isinstance(value, dict):
+        return {k: mutable_copy(v) for k, v in value.items()}
+    return value
 
 
 def _meta_copy(module: nn.Module) -> nn.Module:

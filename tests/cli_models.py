@@ -1,0 +1,48 @@
+"""Small models the CLI tests load as `cli_models:NAME` (tests/ is on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class DataDependent(nn.Module):
+    input_shape = (1, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:  # fx cannot trace a branch on a tensor value
+            return self.conv(x)
+        return x
+
+
+def untraceable() -> nn.Module:
+    return DataDependent()
+
+
+def no_batchnorm() -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    model.input_shape = (1, 3, 8, 8)
+    return model
+
+
+class Planted:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def tiny() -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 2, 1))  # fmt: skip
+    model.input_shape = (1, 3, 8, 8)
+    with torch.no_grad():
+        model[1].weight[:2] = 0
+    return model
