@@ -103,20 +103,9 @@ def trace(
     trust_pickle: TrustPickle = False,
 ) -> None:
     """Trace a model and print its channel groups: what can be pruned together, and why not."""
-    from fxprune.channels import analyse
-    from fxprune.load import load_source, parse_input_shape
-    from fxprune.trace import trace_model
-
     if fmt not in ("table", "json"):
         raise typer.BadParameter("--format must be table or json")
-    loaded = load_source(
-        source,
-        weights=weights,
-        input_shape=parse_input_shape(input_shape),
-        trust_pickle=trust_pickle,
-    )
-    traced = trace_model(loaded.module, loaded.example, submodule or None)
-    analysis = analyse(traced.gm)
+    traced, analysis = _trace_source(source, weights, input_shape, submodule, trust_pickle)
     lambdas = _penalties(traced, analysis) if penalties else None
     if fmt == "json":
         data = analysis.to_json()
@@ -133,6 +122,18 @@ def trace(
 
         typer.echo(tabulate(sorted(lambdas.items()), headers=["BN layer", "λ (Eq. 2)"]))
     typer.echo(analysis.summary())
+
+
+def _trace_source(source, weights, input_shape, submodule, trust_pickle):
+    """load → trace → analyse, as `trace` and `doctor` both need it."""
+    from fxprune.channels import analyse
+    from fxprune.load import load_source, parse_input_shape
+    from fxprune.trace import trace_model
+
+    shape = parse_input_shape(input_shape)
+    loaded = load_source(source, weights=weights, input_shape=shape, trust_pickle=trust_pickle)
+    traced = trace_model(loaded.module, loaded.example, submodule or None)
+    return traced, analyse(traced.gm)
 
 
 def _penalties(traced, analysis) -> dict[str, float]:
@@ -250,21 +251,11 @@ def doctor(
     """Trace, analyse and compile with random zeros; print what was frozen and why."""
     from collections import Counter
 
-    from fxprune.channels import analyse
     from fxprune.compile import compile_model, run_model
-    from fxprune.load import load_source, parse_input_shape
     from fxprune.pipeline import verify_equal
     from fxprune.sparsify import zero_random
-    from fxprune.trace import trace_model
 
-    loaded = load_source(
-        source,
-        weights=weights,
-        input_shape=parse_input_shape(input_shape),
-        trust_pickle=trust_pickle,
-    )
-    traced = trace_model(loaded.module, loaded.example, submodule or None)
-    analysis = analyse(traced.gm)
+    traced, analysis = _trace_source(source, weights, input_shape, submodule, trust_pickle)
     typer.echo(analysis.summary())
     reasons = Counter(r for g in analysis.groups for r in set(g.frozen.values()))
     for reason, count in reasons.most_common():
