@@ -82,8 +82,11 @@ def spatial(lab, node: fx.Node, keeps_constants: bool) -> None:
 def avg_pool(lab, node: fx.Node) -> None:
     padding = _arg(node, 3, "padding", 0)
     include_pad = _arg(node, 5, "count_include_pad", True)
+    # A divisor other than the window size scales a constant by window/divisor,
+    # which changes at ceil-mode borders: keep the channel live.
+    override = _arg(node, 6, "divisor_override", None)
     padded = any(p != 0 for p in padding) if isinstance(padding, (tuple, list)) else padding != 0
-    spatial(lab, node, keeps_constants=not padded or not include_pad)
+    spatial(lab, node, keeps_constants=(not padded or not include_pad) and override is None)
 
 
 def interpolate(lab, node: fx.Node) -> None:
@@ -180,11 +183,10 @@ def _index_tensor(lab, node, base, ids: np.ndarray, index) -> None:
     entries = list(index) if isinstance(index, tuple) else [index]
     if any(isinstance(e, (fx.Node, torch.Tensor, list)) for e in entries) or shape is None:
         return lab.frozen_output(node, f"{op_name(node)}: advanced indexing")
-    if Ellipsis in entries:
-        at = entries.index(Ellipsis)
-        explicit = len(entries) - 1 - entries.count(None)
-        entries[at : at + 1] = [slice(None)] * (len(shape) - explicit)
-    entries += [slice(None)] * (2 - len(entries))
+    if any(_computed_slice(e) for e in entries):
+        # x[:, : x.size(1) // 2] selects other channels once channels are removed
+        return lab.frozen_output(node, f"{op_name(node)}: slice bounds computed in the graph")
+    entries = expand_index(entries, len(shape))
     first, chan = entries[0], entries[1]
     if first != slice(None) or not isinstance(chan, slice) or any(e is None for e in entries[:2]):
         return lab.frozen_output(node, f"{op_name(node)}: indexes the batch or channel axis")
@@ -195,13 +197,35 @@ def _index_tensor(lab, node, base, ids: np.ndarray, index) -> None:
     lab.set(node, ids[chan], "structural")
 
 
+def _computed_slice(entry) -> bool:
+    return isinstance(entry, slice) and any(
+        isinstance(v, fx.Node) for v in (entry.start, entry.stop, entry.step)
+    )
+
+
+def expand_index(entries: list, ndim: int) -> list:
+    """An index tuple with its Ellipsis spelled out and at least two entries,
+    so that entry 1 is the channel axis (unless a None comes first)."""
+    entries = list(entries)
+    if Ellipsis in entries:
+        at = entries.index(Ellipsis)
+        explicit = len(entries) - 1 - entries.count(None)
+        entries[at : at + 1] = [slice(None)] * (ndim - explicit)
+    return entries + [slice(None)] * (2 - len(entries))
+
+
+def narrow_args(node: fx.Node, ndim: int) -> tuple[int, int, int]:
+    """(dim, start, length) of a narrow call, normalised, positional or keyword."""
+    dim = _norm_dim(_arg(node, 1, "dim"), ndim)
+    return dim, _arg(node, 2, "start"), _arg(node, 3, "length")
+
+
 def narrow(lab, node: fx.Node) -> None:
     x = node.args[0]
     ids, shape = _channels(x), tensor_shape(x)
     if ids is None or shape is None:
         return lab.frozen_output(node, f"{op_name(node)}: untracked input")
-    dim = _norm_dim(_arg(node, 1, "dim"), len(shape))
-    start, length = _arg(node, 2, "start"), _arg(node, 3, "length")
+    dim, start, length = narrow_args(node, len(shape))
     if dim == 1 and ids.ndim == 1:
         start = _norm_dim(start, len(ids))
         return lab.set(node, ids[start : start + length], "structural")
@@ -271,7 +295,10 @@ def reduce(lab, node: fx.Node) -> None:
     dims = [dims] if isinstance(dims, int) else list(dims)
     if not _outside_block([_norm_dim(d, len(shape)) for d in dims], ids.ndim):
         return lab.frozen_output(node, f"{op_name(node)}: reduces over channels")
-    lab.set(node, ids, "elementwise")
+    # mean/amax/amin of a constant is that constant; a sum grows with the
+    # resolution, so its channels are never taken for constants.
+    name = node.target if node.op == "call_method" else node.target.__name__
+    lab.set(node, ids, "spatial" if name == "sum" else "elementwise")
 
 
 def expand(lab, node: fx.Node) -> None:

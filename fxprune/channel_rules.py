@@ -208,6 +208,7 @@ class ChannelLabeller:
             return self.passthrough(node, ids, "elementwise")
         if isinstance(module, AVG_POOL_MODULES):
             exact = not _any(module.padding) or not module.count_include_pad
+            exact = exact and getattr(module, "divisor_override", None) is None
             return self.passthrough(node, ids, "elementwise" if exact else "spatial")
         if isinstance(module, UPSAMPLE_MODULES):
             rule = "elementwise" if module.mode == "nearest" else "spatial"

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprune.channel_rules import BINARY_FUNCTIONS, BINARY_METHODS, concrete, tensor_shape
-from fxprune.errors import CompileError
 from fxprune.liveness import _weight_matrix, aligned_operands, channel_nodes, flat, zero_padded
 
 
@@ -26,23 +25,25 @@ class BorderTerm(nn.Module):
 
     Σ_c v_c · conv(ones, W[:, c]) = conv(ones, K), K = Σ_c v_c·W[:, c:c+1]:
     exact at the borders too, where the paper's bias fold is not. Computed on
-    a 1×1×H×W ones tensor and broadcast over the batch.
+    a 1×1×H×W ones tensor, zero-padded by `pad` (F.pad order, asymmetric for
+    an even kernel with padding="same"), and broadcast over the batch.
     """
 
-    def __init__(self, kernel: torch.Tensor, stride, padding, dilation) -> None:
+    def __init__(self, kernel: torch.Tensor, stride, pad, dilation) -> None:
         super().__init__()
         self.register_buffer("kernel", kernel)
         self.stride = [int(s) for s in stride]
-        self.padding = [int(p) for p in padding]
+        self.pad = [int(p) for p in pad]
         self.dilation = [int(d) for d in dilation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ones = torch.ones([1, 1] + list(x.shape[2:]), dtype=x.dtype, device=x.device)
+        ones = F.pad(ones, self.pad)
         if self.kernel.dim() == 3:
-            return F.conv1d(ones, self.kernel, None, self.stride, self.padding, self.dilation)
+            return F.conv1d(ones, self.kernel, None, self.stride, 0, self.dilation)
         if self.kernel.dim() == 4:
-            return F.conv2d(ones, self.kernel, None, self.stride, self.padding, self.dilation)
-        return F.conv3d(ones, self.kernel, None, self.stride, self.padding, self.dilation)
+            return F.conv2d(ones, self.kernel, None, self.stride, 0, self.dilation)
+        return F.conv3d(ones, self.kernel, None, self.stride, 0, self.dilation)
 
 
 def fresh_copy(module: nn.Module) -> nn.Module:
@@ -66,15 +67,19 @@ def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.to(like.dtype).contiguous(), requires_grad=like.requires_grad)
 
 
-def _explicit_padding(conv: nn.Module) -> list[int]:
-    if not isinstance(conv.padding, str):
-        return list(conv.padding)
+def border_pad(conv: nn.Module) -> list[int]:
+    """The zero padding of `conv` as an F.pad list (last spatial dim first).
+
+    padding="same" puts the odd extra element on the right, as torch does.
+    """
     if conv.padding == "valid":
-        return [0] * len(conv.kernel_size)
-    total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
-    if any(t % 2 for t in total):
-        raise CompileError(f"padding='same' with an even kernel is not supported ({conv})")
-    return [t // 2 for t in total]
+        sides = [(0, 0)] * len(conv.kernel_size)
+    elif conv.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        sides = [(t // 2, t - t // 2) for t in totals]
+    else:
+        sides = [(int(p), int(p)) for p in conv.padding]
+    return [p for side in reversed(sides) for p in side]
 
 
 class Rewriter:
@@ -197,7 +202,7 @@ class Rewriter:
             conv.bias = _param(old.double() + bias, conv.weight)
             return
         kernel = delta.unsqueeze(1).to(conv.weight.dtype)  # (out, 1, *k)
-        border = BorderTerm(kernel, conv.stride, _explicit_padding(conv), conv.dilation)
+        border = BorderTerm(kernel, conv.stride, border_pad(conv), conv.dilation)
         name = f"{node.target.replace('.', '_')}_border"
         self.gm.add_submodule(name, border)
         graph = self.gm.graph
@@ -206,7 +211,20 @@ class Rewriter:
         with graph.inserting_after(term):
             total = graph.call_function(operator.add, (node, term))
         node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+        self._alias(total, node)
         self.notes.append(f"{node.target}: exact border term for removed constant channels")
+
+    def _alias(self, new: fx.Node, old: fx.Node) -> None:
+        """`new` computes what `old` did (conv + border term): later rewrites of
+        its users must see the same channels, keep mask and constants."""
+        for key in ("channels", "tensor_meta"):
+            if key in old.meta:
+                new.meta[key] = old.meta[key]
+        new.meta["channel_rule"] = "elementwise"
+        self.keep[new] = self.keep[old]
+        for table in (self.live.const, self.live.dead, self.live.values):
+            if old in table:
+                table[new] = table[old]
 
     def _fold_into_bn(self, node: fx.Node, bias: torch.Tensor) -> bool:
         """The paper's variant: a conv without bias feeding one BN shifts its mean."""

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from fxprune.channel_ops import expand_index, narrow_args
 from fxprune.channel_rules import RESHAPE_METHODS, concrete, tensor_shape
 
 
@@ -77,16 +78,16 @@ def _new_index(keep: np.ndarray) -> np.ndarray:
 
 def _fix_slice(node: fx.Node, keep: dict) -> None:
     base, index = node.args[0], node.args[1]
-    if not isinstance(base.meta.get("channels"), np.ndarray) or not isinstance(index, tuple):
+    shape = tensor_shape(base)
+    if not isinstance(base.meta.get("channels"), np.ndarray) or shape is None:
         return
-    entries = list(index)
-    if Ellipsis in entries[:2] or len(entries) < 2 or not isinstance(entries[1], slice):
-        return
+    # the same reading of the index as the analysis (channel_ops._index_tensor)
+    entries = expand_index(list(index) if isinstance(index, tuple) else [index], len(shape))
     in_keep = keep[base]
+    if not isinstance(entries[1], slice) or in_keep.all():
+        return  # (a frozen slice with computed bounds keeps every channel)
     start, stop, _ = entries[1].indices(len(in_keep))
     selected = [p for p in range(start, stop) if in_keep[p]]
-    if len(selected) == stop - start and in_keep.all():
-        return
     renum = _new_index(in_keep)
     entries[1] = slice(int(renum[selected[0]]), int(renum[selected[-1]]) + 1)
     node.args = (base, tuple(entries))
@@ -94,14 +95,17 @@ def _fix_slice(node: fx.Node, keep: dict) -> None:
 
 def _fix_narrow(node: fx.Node, keep: dict) -> None:
     base = node.args[0]
-    in_keep = keep.get(base)
-    dim = concrete(node.args[1])
-    if not isinstance(in_keep, np.ndarray) or dim != 1 or in_keep.all():
+    in_keep, shape = keep.get(base), tensor_shape(base)
+    if not isinstance(in_keep, np.ndarray) or shape is None or in_keep.all():
         return
-    start, length = concrete(node.args[2]), concrete(node.args[3])
+    dim, start, length = narrow_args(node, len(shape))
+    if dim != 1:
+        return
+    start = start + len(in_keep) if start < 0 else start
     selected = [p for p in range(start, start + length) if in_keep[p]]
     renum = _new_index(in_keep)
     node.args = (base, 1, int(renum[selected[0]]), len(selected))
+    node.kwargs = {}
 
 
 def _fix_expand(node: fx.Node) -> None:
