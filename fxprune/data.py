@@ -182,7 +182,9 @@ def render_shapes(labels: np.ndarray, size: int, rng: np.random.Generator) -> np
         mask[sel] = draw(dx[sel], dy[sel], radius[sel])
     fg, bg = contrasting_colours(n, rng)
     images = np.where(mask[:, None], fg[:, :, None, None], bg[:, :, None, None])
-    images += PIXEL_NOISE * rng.standard_normal(size=images.shape, dtype=np.float32)
+    # torch draws the 3*S*S*N normals about twice as fast as numpy.
+    noise = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    images += PIXEL_NOISE * torch.randn(images.shape, generator=noise).numpy()
     return images
 
 
