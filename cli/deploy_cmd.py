@@ -1,0 +1,267 @@
+"""`fxprune serve`, `fxprune export`, `fxprune plot`, `fxprune bench`: deployment commands.
+
+Thin commands over fxprune.serve, fxprune.export, fxprune.plot and fxprune.bench.
+Progress goes to stderr, results to stdout; domain errors are FxpruneError
+subclasses, turned into one line by the CLI's main.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+SourceArg = Annotated[
+    str, typer.Argument(help="zoo:NAME, torchvision:NAME, pkg.module:factory or a .pt file")
+]
+InputShape = Annotated[
+    str | None,
+    typer.Option("--input-shape", help="Example input shape N,C,H,W (default per model)"),
+]
+Weights = Annotated[
+    Path | None, typer.Option("--weights", help="A state_dict to load into the model (strict)")
+]
+TrustPickle = Annotated[
+    bool,
+    typer.Option("--trust-pickle", help="Allow files that unpickle arbitrary objects (runs code)"),
+]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing --out")]
+
+
+def register(app: typer.Typer) -> None:
+    """Add the serve, export, plot and bench commands to `app`."""
+    app.command("serve")(serve_command)
+    app.command("export")(export_command)
+    app.command("plot")(plot_command)
+    app.command("bench")(bench_command)
+
+
+def _err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def serve_command(
+    artifact: Annotated[
+        Path, typer.Argument(help="A TorchScript (.ts) or torch.export (.pt2) artifact")
+    ],
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (0.0.0.0 exposes it to the network)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0: any free port, printed)")] = 8080,
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", help="Run up to N queued samples as one batch")
+    ] = 8,
+    workers: Annotated[
+        int, typer.Option(help="Server processes (each loads the model; threads are split)")
+    ] = 1,
+    max_body_mb: Annotated[
+        float, typer.Option("--max-body-mb", help="Reject larger request bodies with 413")
+    ] = 16.0,
+    input_shape: Annotated[
+        str | None,
+        typer.Option("--input-shape", help="N,C,H,W for artifacts without fxprune metadata"),
+    ] = None,
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="uvicorn log level: warning, info, debug")
+    ] = "warning",
+) -> None:
+    """Serve an artifact over HTTP: GET /health, GET /metadata, POST /predict."""
+    from fxprune.load import parse_input_shape
+    from fxprune.serve import ServeConfig, require_serve_extra, serve
+
+    require_serve_extra()
+    config = ServeConfig(
+        artifact=artifact, host=host, port=port, max_batch=max_batch, workers=workers,
+        max_body_mb=max_body_mb, input_shape=parse_input_shape(input_shape), log_level=log_level,
+    )  # fmt: skip
+
+    def ready(url: str, loaded) -> None:
+        batch = "any batch" if loaded.fixed_batch is None else f"static batch {loaded.fixed_batch}"
+        shape = "x".join(map(str, loaded.input_shape))
+        _err(f"[fxprune] serving {loaded.path.name} ({loaded.format}, input {shape}, {batch}) "
+             f"on {url} with {workers} worker(s), max batch {max_batch}")  # fmt: skip
+        _err(f"[fxprune] listening on {url}")
+
+    serve(config, on_ready=ready)
+    _err("[fxprune] server stopped")
+
+
+EXPORT_FORMATS = ("torchscript", "pt2", "onnx")
+
+
+def export_command(
+    source: SourceArg,
+    fmt: Annotated[str, typer.Option("--format", help="torchscript, pt2 or onnx")],
+    out: Annotated[Path, typer.Option("--out", help="The artifact file to write")],
+    input_shape: InputShape = None,
+    weights: Weights = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset version (recorded in the file)")] = 18,
+    force: Force = False,
+    trust_pickle: TrustPickle = False,
+) -> None:
+    """Export a model (traced by torch.fx) as TorchScript, torch.export .pt2 or ONNX, verified.
+
+    A compact checkpoint (`fxprune compile --save-checkpoint`) exports the compiled model.
+    The file is written atomically and only after it loads back with the same outputs.
+    """
+    result = export_source(source, fmt, out, input_shape=input_shape, weights=weights,
+                           opset=opset, force=force, trust_pickle=trust_pickle)  # fmt: skip
+    for note in result.warnings:
+        _err(f"warning: {note}")
+    error = "not verified" if result.max_rel_error is None else f"{result.max_rel_error:.2e}"
+    typer.echo(f"exported {source} as {result.format} ({result.method}); "
+               f"max relative error vs the model: {error}")  # fmt: skip
+    typer.echo(f"wrote {result.path}")
+
+
+def export_source(
+    source: str,
+    fmt: str,
+    out: Path,
+    *,
+    input_shape: str | None = None,
+    weights: Path | None = None,
+    opset: int = 18,
+    force: bool = False,
+    trust_pickle: bool = False,
+):
+    """load → trace → export with ``fxprune.json`` metadata (input shape, widths, counts)."""
+    import torch
+
+    import fxprune
+    from fxprune.errors import UsageError
+    from fxprune.export import check_target, export_onnx, export_pt2, export_torchscript
+    from fxprune.load import load_source, parse_input_shape
+    from fxprune.report import count_model
+    from fxprune.trace import trace_model
+
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"unknown --format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    protect = [p for p in (Path(source), weights) if p is not None and Path(p).exists()]
+    check_target(out, force=force, protect=protect)  # before any slow work
+    loaded = load_source(source, weights=weights, input_shape=parse_input_shape(input_shape),
+                         trust_pickle=trust_pickle)  # fmt: skip
+    traced = trace_model(loaded.module, loaded.example)
+    counts = count_model(traced.gm, traced.example)
+    metadata = {
+        "fxprune_version": fxprune.__version__, "torch_version": torch.__version__,
+        "source": source, "format": fmt, "input_shape": list(traced.example.shape),
+        "channels": {name: layer.out_channels for name, layer in counts.layers.items()},
+        "params": counts.params, "flops": counts.flops,
+    }  # fmt: skip
+    if fmt == "onnx":
+        metadata["opset"] = opset
+        return export_onnx(traced.gm, traced.example, out, opset=opset, metadata=metadata,
+                           force=force, protect=protect)  # fmt: skip
+    export = export_pt2 if fmt == "pt2" else export_torchscript
+    return export(traced.gm, traced.example, out, metadata=metadata, force=force, protect=protect)
+
+
+def bench_command(
+    source: SourceArg,
+    compact: Annotated[
+        str | None,
+        typer.Argument(
+            help="The compact model (e.g. a compact checkpoint); default: compile "
+            "SOURCE (exact zeros, or --sparsity)"
+        ),
+    ] = None,  # fmt: skip
+    batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma-separated")] = "1,8",
+    repeats: Annotated[int, typer.Option(help="Timed runs per model and batch size")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first")] = 2,
+    threads: Annotated[
+        int | None, typer.Option(help="torch intra-op threads (default: torch's choice)")
+    ] = None,
+    sparsity: Annotated[
+        float | None,
+        typer.Option(help="Without COMPACT: zero this fraction of channels before compiling"),
+    ] = None,
+    torchscript: Annotated[
+        bool, typer.Option("--torchscript/--no-torchscript", help="Also time frozen TorchScript")
+    ] = True,
+    input_shape: InputShape = None,
+    weights: Weights = None,
+    fmt: Annotated[str, typer.Option("--format", help="text, github or json")] = "text",
+    trust_pickle: TrustPickle = False,
+) -> None:
+    """Latency and throughput of SOURCE vs its compact version, measured interleaved."""
+    from fxprune.bench import BenchConfig, bench_models, parse_batches
+    from fxprune.load import load_source, parse_input_shape
+
+    config = BenchConfig(batches=parse_batches(batch), repeats=repeats, warmup=warmup,
+                         threads=threads, torchscript=torchscript)  # fmt: skip
+    shape = parse_input_shape(input_shape)
+    loaded = load_source(source, weights=weights, input_shape=shape, trust_pickle=trust_pickle)
+    if compact is None:
+        _err(f"[fxprune] compiling {source} for the compact side")
+        small = _compile_for_bench(loaded, sparsity)
+    else:
+        small = load_source(compact, input_shape=shape, trust_pickle=trust_pickle).module
+    _err(f"[fxprune] timing batches {config.batches}, {config.repeats} repeats each")
+    result = bench_models(loaded.module, small, loaded.example, config)
+    for note in result.notes:
+        _err(f"warning: {note}")
+    if fmt != "json":
+        typer.echo(result.header())
+    typer.echo(result.table(fmt))
+
+
+def _compile_for_bench(loaded, sparsity: float | None):
+    from fxprune.channels import analyse
+    from fxprune.compile import compile_model
+    from fxprune.errors import UsageError
+    from fxprune.sparsify import apply_sparsity
+    from fxprune.trace import trace_model
+
+    traced = trace_model(loaded.module, loaded.example)
+    analyse(traced.gm)
+    if sparsity is not None:
+        if not 0.0 <= sparsity < 1.0:
+            raise UsageError(f"--sparsity must be in [0, 1), not {sparsity}")
+        apply_sparsity(traced.gm, sparsity)
+    result = compile_model(traced)
+    if not result.changed:
+        _err("warning: nothing to prune (no exact zeros): both sides are the same model; "
+             "give COMPACT or --sparsity")  # fmt: skip
+    return result.gm
+
+
+def plot_command(
+    sources: Annotated[
+        list[str] | None,
+        typer.Argument(help="Models to compare (base first): sources or compact checkpoints"),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Image to write (.png, .pdf, .svg)")] = Path(
+        "channels.png"
+    ),
+    log: Annotated[
+        Path | None,
+        typer.Option("--log", help="Training log (X.jsonl beside fxprune train --out X.pt)"),
+    ] = None,
+    names: Annotated[str | None, typer.Option(help="Comma-separated legend names")] = None,
+    title: Annotated[str | None, typer.Option(help="Figure title")] = None,
+    input_shape: InputShape = None,
+    force: Force = False,
+    trust_pickle: TrustPickle = False,
+) -> None:
+    """Per-layer channel widths before/after as bars; with --log, the training curves."""
+    from fxprune.errors import UsageError
+    from fxprune.export import check_target
+    from fxprune.load import load_source, parse_input_shape
+    from fxprune.plot import plot_report, read_training_log
+    from fxprune.report import count_model
+
+    sources = sources or []
+    labels = names.split(",") if names else [Path(s).stem if ":" not in s else s for s in sources]
+    if len(labels) != len(sources):
+        raise UsageError(f"--names has {len(labels)} names for {len(sources)} models")
+    check_target(out, force=force, protect=[s for s in sources if Path(s).exists()])
+    records = read_training_log(log) if log is not None else None
+    shape = parse_input_shape(input_shape)
+    models = []
+    for label, source in zip(labels, sources, strict=True):
+        loaded = load_source(source, input_shape=shape, trust_pickle=trust_pickle)
+        models.append((label, count_model(loaded.module, loaded.example)))
+    written = plot_report(out, models, records, force=force, title=title)
+    typer.echo(f"wrote {written}")
