@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch and torchvision resolved together from the registry (see DESIGN.md)
 	$(BIN)/python -m pip install --quiet torch torchvision
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# the optional extras too, so the serve, plot and ONNX tests run for real
+	$(BIN)/python -m pip install --quiet -e '.[test,serve,plot,onnx]'
 	touch $(STAMP)
 
 demo: $(STAMP)
