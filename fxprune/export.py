@@ -88,6 +88,7 @@ def atomic_write(
     an existing target is untouched. Returns the absolute target path.
     """
     target = check_target(path, force=force, protect=protect)
+    clean_stale_temps(target)  # what a killed earlier write of this target left behind
     tmp = _create_temp(target)
     try:
         writer(tmp)
@@ -101,19 +102,34 @@ def atomic_write(
 
 
 def clean_stale_temps(path: PathLike, *, min_age_s: float = 3600.0) -> list[Path]:
-    """Delete temp files left by interrupted writes of ``path`` older than ``min_age_s``.
-
-    The age guard keeps a concurrent writer's live temp file safe. Returns what was removed.
+    """Delete temp files left by interrupted writes of ``path``: those whose writer
+    (the pid in the name) is no longer running on this host, and any older than
+    ``min_age_s``. A live concurrent writer's temp file is kept. Returns what was removed.
     """
     target = Path(path).absolute()
     removed = []
     now = time.time()
     for litter in target.parent.glob(f".{target.name}{TMP_MARKER}*"):
         with contextlib.suppress(FileNotFoundError):
-            if now - litter.stat().st_mtime >= min_age_s:
+            if _writer_gone(litter, target) or now - litter.stat().st_mtime >= min_age_s:
                 litter.unlink()
                 removed.append(litter)
     return removed
+
+
+def _writer_gone(litter: Path, target: Path) -> bool:
+    """True when the temp name `.NAME.fxprune-tmp-PID-HEX.SUFFIX` names a pid that
+    no longer runs here (a name without a pid is left to the age rule)."""
+    pid, sep, _ = litter.name[len(f".{target.name}{TMP_MARKER}") :].partition("-")
+    if not (pid.isdigit() and sep):
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it runs, under another user
+        return False
+    return False
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -128,7 +144,8 @@ def _create_temp(target: Path) -> Path:
     # os.open with 0o666 lets the umask decide the mode, as for any normal file; the
     # target's suffix is kept because some writers (torch.export.save) insist on it.
     for _ in range(100):
-        tmp = target.parent / f".{target.name}{TMP_MARKER}{secrets.token_hex(4)}{target.suffix}"
+        name = f".{target.name}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}{target.suffix}"
+        tmp = target.parent / name
         try:
             os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
             return tmp

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -146,6 +150,10 @@ def test_clean_stale_temps_removes_only_this_targets_litter(tmp_path: Path) -> N
     litter.write_text("x")
     other.write_text("x")
     assert clean_stale_temps(tmp_path / "out.ts") == []  # too young: may be a live writer
+    live = tmp_path / f".out.ts{TMP_MARKER}{os.getpid()}-abcd.ts"
+    live.write_text("x")
+    assert clean_stale_temps(tmp_path / "out.ts") == []  # its writer (this process) runs
+    live.unlink()
     assert clean_stale_temps(tmp_path / "out.ts", min_age_s=0) == [litter]
     assert not litter.exists() and other.exists()
 
@@ -279,3 +287,50 @@ def test_onnx_export_is_single_file_and_verified(tmp_path: Path, example):
         assert result.max_rel_error <= 1e-4
     else:
         assert result.max_rel_error is None and "not verified" in " ".join(result.warnings)
+
+
+# --------------------------------------------------------------------------- interrupted writes
+
+# Writes a large checkpoint through atomic_write, slowly, so the test can kill it mid-write.
+SLOW_WRITER = """
+import sys, time
+import torch
+from fxprune.export import atomic_write
+
+class Slow:
+    def __init__(self, f):
+        self.f = f
+    def write(self, b):
+        time.sleep(0.002)
+        return self.f.write(b)
+    def flush(self):
+        self.f.flush()
+
+def writer(tmp):
+    state = {f"layer{i}": torch.randn(256, 1024) for i in range(64)}  # 64 MiB of weights
+    with open(tmp, "wb") as f:
+        torch.save(state, Slow(f), _use_new_zipfile_serialization=False)
+
+atomic_write(sys.argv[1], writer, force=True)
+"""
+
+
+def test_kill_during_write_keeps_the_old_file_and_the_next_write_cleans_up(tmp_path: Path):
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"the previous checkpoint")
+    child = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(target)])
+    deadline = time.monotonic() + 120
+    litter: list[Path] = []
+    while time.monotonic() < deadline and child.poll() is None:
+        litter = [p for p in tmp_path.iterdir() if TMP_MARKER in p.name]
+        if litter and litter[0].stat().st_size > 1 << 20:  # well into the write
+            break
+        time.sleep(0.02)
+    assert child.poll() is None, "the writer finished before it could be killed"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert target.read_bytes() == b"the previous checkpoint"
+    assert [p.exists() for p in litter] == [True]  # SIGKILL leaves the temp file behind
+    atomic_write(target, lambda tmp: tmp.write_bytes(b"new"), force=True)  # the next run
+    assert target.read_bytes() == b"new"
+    assert_no_litter(tmp_path)
