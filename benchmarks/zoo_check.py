@@ -21,7 +21,7 @@ import torch
 from fxprune import zoo
 from fxprune.channels import analyse
 from fxprune.compile import compile_model, max_relative_error, run_model
-from fxprune.sparsify import randomize_batchnorm, zero_random
+from fxprune.sparsify import randomize_batchnorm, zero_test_pattern
 from fxprune.trace import trace_model
 
 warnings.filterwarnings("ignore")
@@ -45,7 +45,7 @@ def check_model(name: str, shape=None, *, script: bool = True) -> dict:
             len(analysis.groups),
             sum(g.prunable for g in analysis.groups),
         )
-        zero_random(traced.gm, 0.5, seed=0)
+        row["zeroed"] = zero_test_pattern(traced.gm, 0.5, seed=0)
         result = compile_model(traced)
         ref, out = run_model(traced.gm, x), run_model(result.gm, x)
         row["error"] = max_relative_error(ref, out)

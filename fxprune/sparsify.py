@@ -60,6 +60,42 @@ def zero_random(gm: fx.GraphModule, fraction: float = 0.5, seed: int = 0) -> int
     return total
 
 
+def zero_test_pattern(gm: fx.GraphModule, fraction: float = 0.5, seed: int = 0) -> str:
+    """The zoo-wide test pattern: `fraction` of every prunable group, every fifth
+    prunable group whole, and one whole residual branch. Returns what it did."""
+    count = zero_random(gm, fraction, seed)
+    groups = [g for g in get_analysis(gm).groups if g.bn_sites and len(prunable_classes(g))]
+    for group in groups[::5]:
+        zero_classes(gm, group, prunable_classes(group), producers=True)
+    branch = zero_residual_branch(gm)
+    return (
+        f"{count} channels, {len(groups[::5])} whole groups, residual branch "
+        f"{branch or '(none: no BatchNorm feeds an add)'}"
+    )
+
+
+def zero_residual_branch(gm: fx.GraphModule) -> str | None:
+    """Set γ = 0 on the BN that ends a residual branch (a BN whose only user is an
+    add of two activations), so the branch is constant; the middle one of the
+    model's such BNs. Returns the BN's name, or None when there is none."""
+    adds = ("add", "iadd", "add_")
+    candidates = []
+    for node in gm.graph.nodes:
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if node.op not in ("call_function", "call_method") or name not in adds:
+            continue
+        inputs = [n for n in node.all_input_nodes if n.meta.get("channels") is not None]
+        for inp in inputs if len(inputs) == 2 else []:
+            if inp.meta.get("channel_rule") == "bn" and len(inp.users) == 1:
+                candidates.append(inp.target)
+    if not candidates:
+        return None
+    target = candidates[len(candidates) // 2]
+    with torch.no_grad():
+        gm.get_submodule(target).weight.zero_()
+    return target
+
+
 def randomize_batchnorm(module: nn.Module, seed: int = 0) -> None:
     """Random BN statistics and affine parameters (eval-mode tests without training)."""
     gen = torch.Generator().manual_seed(seed)

@@ -7,7 +7,7 @@ from torch import nn
 
 from fxprune.channels import analyse
 from fxprune.compile import CompileOptions, compile_model, max_relative_error, run_model
-from fxprune.sparsify import randomize_batchnorm, zero_random
+from fxprune.sparsify import randomize_batchnorm, zero_random, zero_test_pattern
 from fxprune.trace import trace_model
 
 
@@ -20,16 +20,21 @@ def compile_checked(
     absorb: str = "exact",
     other_shape: tuple[int, ...] | None = None,
     randomize: bool = True,
+    whole: bool = False,
 ):
     """Zero `fraction` of every prunable group, compile, and return
     (traced, result, errors) where errors are max relative output errors on
-    the traced input, a fresh input, and `other_shape` if given."""
+    the traced input, a fresh input, and `other_shape` if given. With `whole`,
+    also zero every fifth group whole and one residual branch (zero_test_pattern)."""
     if randomize:
         randomize_batchnorm(model, seed)
     x = torch.randn(shape)
     traced = trace_model(model, x)
     analyse(traced.gm)
-    zero_random(traced.gm, fraction, seed)
+    if whole:
+        zero_test_pattern(traced.gm, fraction, seed)
+    else:
+        zero_random(traced.gm, fraction, seed)
     result = compile_model(traced, CompileOptions(absorb=absorb))
     inputs = [x, torch.randn(shape)] + ([torch.randn(other_shape)] if other_shape else [])
     errors = [max_relative_error(run_model(traced.gm, i), run_model(result.gm, i)) for i in inputs]
