@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 import fxprune
+from fxprune.cli.options import InputShape, SourceArg, Submodule, TrustPickle, Weights
 from fxprune.errors import FxpruneError
 
 app = typer.Typer(
@@ -28,24 +29,6 @@ zoo_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 
 STATE = {"debug": False}
-
-SourceArg = Annotated[
-    str, typer.Argument(help="zoo:NAME, torchvision:NAME, pkg.module:factory or a .pt file")
-]
-InputShape = Annotated[
-    str | None,
-    typer.Option("--input-shape", help="Example input shape N,C,H,W (default per model)"),
-]
-Submodule = Annotated[
-    str | None, typer.Option("--submodule", help="Trace only this submodule, e.g. backbone")
-]
-Weights = Annotated[
-    Path | None, typer.Option("--weights", help="A state_dict to load into the model (strict)")
-]
-TrustPickle = Annotated[
-    bool,
-    typer.Option("--trust-pickle", help="Allow files that unpickle arbitrary objects (runs code)"),
-]
 
 
 def _version(value: bool) -> None:

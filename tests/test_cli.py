@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from fxprune.cli.main import app
 from typer.testing import CliRunner
 
 from fxprune import zoo
+from fxprune.cli.main import app
 
 TESTS = Path(__file__).parent
 EXE = shutil.which("fxprune", path=str(Path(sys.executable).parent)) or "fxprune"

@@ -268,8 +268,9 @@ def test_sigterm_exits_cleanly(server, client):
 
 
 def test_busy_port_is_one_line_error(artifact):
-    from fxprune.cli.main import app
     from typer.testing import CliRunner
+
+    from fxprune.cli.main import app
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

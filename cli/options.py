@@ -1,0 +1,27 @@
+"""Option and argument types shared by the fxprune commands (typer `Annotated` aliases)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+SourceArg = Annotated[
+    str, typer.Argument(help="zoo:NAME, torchvision:NAME, pkg.module:factory or a .pt file")
+]
+InputShape = Annotated[
+    str | None,
+    typer.Option("--input-shape", help="Example input shape N,C,H,W (default per model)"),
+]
+Submodule = Annotated[
+    str | None, typer.Option("--submodule", help="Trace only this submodule, e.g. backbone")
+]
+Weights = Annotated[
+    Path | None, typer.Option("--weights", help="A state_dict to load into the model (strict)")
+]
+TrustPickle = Annotated[
+    bool,
+    typer.Option("--trust-pickle", help="Allow files that unpickle arbitrary objects (runs code)"),
+]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing --out")]
