@@ -27,6 +27,9 @@ Schedule = Annotated[str, typer.Option(help="LR schedule: cosine, step or none."
 Device = Annotated[str, typer.Option(help="cpu or cuda.")]
 Seed = Annotated[int, typer.Option(help="Seed of the data order and all randomness.")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing --out.")]
+Resume = Annotated[
+    Path | None, typer.Option("--resume", help="Continue the run saved in this checkpoint.")
+]
 Weights = Annotated[
     Path | None, typer.Option("--weights", help="state_dict file to load into SOURCE first.")
 ]
@@ -73,9 +76,7 @@ def train_command(
     sparsity: Annotated[float, typer.Option(help="slimming: final fraction of γ zeroed.")] = 0.5,
     rate: Annotated[float, typer.Option(help="sfp / l1: fraction of filters per layer.")] = 0.3,
     slimming_lambda: Annotated[float, typer.Option(help="slimming: L1 strength.")] = 1e-4,
-    resume: Annotated[
-        Path | None, typer.Option("--resume", help="Continue the run saved in this checkpoint.")
-    ] = None,
+    resume: Resume = None,
     device: Device = "cpu",
     seed: Seed = 0,
     weights: Weights = None,
@@ -101,9 +102,7 @@ def finetune_command(
     batch_size: BatchSize = 64,
     lr: Lr = 0.01,
     schedule: Schedule = "cosine",
-    resume: Annotated[
-        Path | None, typer.Option("--resume", help="Continue the run saved in this checkpoint.")
-    ] = None,
+    resume: Resume = None,
     device: Device = "cpu",
     seed: Seed = 0,
     force: Force = False,
