@@ -6,6 +6,8 @@ import csv
 import dataclasses
 import io
 import json
+import shutil
+import subprocess
 import warnings
 
 import pytest
@@ -205,3 +207,27 @@ def test_bad_arguments_are_usage_errors(counts_pair) -> None:
 )
 def test_format_count(count: int, text: str) -> None:
     assert format_count(count) == text
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="no TeX engine (pdflatex) installed")
+def test_latex_tables_compile(counts_pair, tmp_path) -> None:
+    """The paper table and the layer table, as printed, go into a document that pdflatex builds."""
+    before, after = counts_pair
+    rows = [ModelSummary.from_counts(before, 89.0), ModelSummary.from_counts(after, 87.6)]
+    body = "\n\n".join(
+        [
+            summary_table(rows, names=["ConvNet_base", "pruned & small"], fmt="latex"),
+            layer_table(before, after, fmt="latex"),
+        ]
+    )
+    doc = f"\\documentclass{{article}}\n\\begin{{document}}\n{body}\n\\end{{document}}\n"
+    (tmp_path / "table.tex").write_text(doc)
+    run = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "table.tex"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout[-2000:]
+    assert (tmp_path / "table.pdf").stat().st_size > 0
