@@ -205,22 +205,47 @@ def report(
     sources: Annotated[list[str], typer.Argument(help="Models (sources or .ts artifacts)")],
     fmt: Annotated[str, typer.Option("--format", help="text, github, latex, csv or json")] = "text",
     names: Annotated[str | None, typer.Option(help="Comma-separated row names")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Also measure test accuracy on this data set (synthetic, cifar10:DIR)"),
+    ] = None,
     input_shape: InputShape = None,
     trust_pickle: TrustPickle = False,
 ) -> None:
-    """Paper-style table: parameters, fvcore FLOPs and layer widths per model."""
+    """Paper-style table: parameters, fvcore FLOPs, accuracy and layer widths per model."""
     from fxprune.load import load_source, parse_input_shape
     from fxprune.report import ModelSummary, count_model, summary_table
 
+    labels = names.split(",") if names else [Path(s).stem if ":" not in s else s for s in sources]
+    if len(labels) != len(sources):
+        raise typer.BadParameter(f"--names has {len(labels)} names for {len(sources)} models")
     shape = parse_input_shape(input_shape)
+    bundle = _report_data(data)
+    if bundle is not None and shape is None:
+        shape = bundle.input_shape
     rows = []
     for source in sources:
         loaded = load_source(source, input_shape=shape, trust_pickle=trust_pickle)
-        rows.append(ModelSummary.from_counts(count_model(loaded.module, loaded.example)))
-    labels = names.split(",") if names else [Path(s).stem if ":" not in s else s for s in sources]
-    if len(labels) != len(rows):
-        raise typer.BadParameter(f"--names has {len(labels)} names for {len(rows)} models")
+        accuracy = _accuracy(loaded.module, bundle) if bundle is not None else None
+        rows.append(ModelSummary.from_counts(count_model(loaded.module, loaded.example), accuracy))
     typer.echo(summary_table(rows, names=labels, fmt=fmt))
+
+
+def _report_data(spec: str | None):
+    if spec is None:
+        return None
+    from fxprune.data import load_data
+
+    return load_data(spec, batch_size=256)
+
+
+def _accuracy(model, bundle) -> float:
+    """Test accuracy in percent, after checking the classifier fits the data."""
+    from fxprune.cli.train_cmd import check_classes
+    from fxprune.train import evaluate
+
+    check_classes(model, bundle)
+    return 100 * evaluate(model, bundle.test)[1]
 
 
 @app.command()

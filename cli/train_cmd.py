@@ -195,8 +195,18 @@ def run_training(source, data, out, config, *, resume, weights, force) -> None:
         typer.echo(f"snapshot {snapshot}")
 
 
+def print_step(event: dict, prefix: str = "") -> None:
+    """Progress inside an epoch: a line on stderr at each quarter of its steps."""
+    step, steps = event["step"], event["steps"]
+    if step < steps and step % max(1, steps // 4) == 0:
+        print(f"{prefix}epoch {event['epoch']}/{event['epochs']}  step {step}/{steps}  "
+              f"loss {event['loss']:.4f}", file=sys.stderr, flush=True)  # fmt: skip
+
+
 def print_epoch(event: dict) -> None:
-    """One line per epoch on stderr, plus the monitor's advice."""
+    """One line per epoch on stderr (and a few within it), plus the monitor's advice."""
+    if event.get("event") == "step":
+        return print_step(event)
     if event.get("event") != "epoch":
         return
     line = EPOCH_LINE.format(**event)

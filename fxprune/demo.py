@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from fxprune.channels import analyse
+from fxprune.cli.train_cmd import print_step
 from fxprune.compile import compile_model, max_relative_error, run_model
 from fxprune.data import load_data
 from fxprune.export import export_torchscript
@@ -33,7 +34,7 @@ def say(message: str) -> None:
 def _progress(stage: str):
     def report(record: dict) -> None:
         if record.get("event") == "step":
-            return
+            return print_step(record, prefix=f"[demo] {stage} ")
         keys = ("epoch", "cross_entropy", "lasso", "sparsity", "test_accuracy")
         shown = {k: v for k, v in record.items() if k in keys}
         fields = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()]

@@ -165,3 +165,28 @@ def test_zoo_list_and_trace_summary():
     traced = runner.invoke(app, ["trace", "zoo:resnet20", "--format", "json"])
     assert traced.exit_code == 0
     assert '"summary": "14 groups, 12 prunable' in traced.stdout
+
+
+def test_report_compares_base_and_compact_with_accuracy(tmp_path, monkeypatch):
+    """The paper's table: base and compact ConvNet, fvcore counts, accuracy on --data."""
+    import json
+
+    from fxprune.report import FORMATS
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    compiled = runner.invoke(app, ["compile", "zoo:convnet", "--sparsity", "0.5", "--out",
+                                   "small.ts", "--save-checkpoint", "small.pt"])  # fmt: skip
+    assert compiled.exit_code == 0, compiled.output
+    args = ["report", "zoo:convnet", "small.pt", "--names", "base,compact"]
+    for fmt in FORMATS:
+        result = runner.invoke(app, [*args, "--format", fmt])
+        assert result.exit_code == 0, result.output
+        assert "compact" in result.stdout
+    measured = runner.invoke(app, [*args, "--data", "synthetic", "--format", "json"])
+    base, compact = json.loads(measured.stdout)["models"]
+    assert base["channels"] == [96, 192, 192, 384]
+    assert compact["params"] < base["params"] and compact["flops"] < base["flops"]
+    assert 0.0 <= compact["accuracy"] <= 100.0 and 0.0 <= base["accuracy"] <= 100.0
+    wrong = runner.invoke(app, ["report", "zoo:convnet", "--names", "a,b"])
+    assert wrong.exit_code == 2 and "--names has 2 names for 1 models" in wrong.output
