@@ -6,6 +6,7 @@ are FxpruneError subclasses, turned into one line by the CLI's main.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -185,6 +186,8 @@ def run_training(source, data, out, config, *, resume, weights, force) -> None:
         loaded.module, bundle, config, gm=traced.gm, analysis=analyse(traced.gm), out_path=out,
         resume=resume, progress=print_epoch, **architecture_of(source),
     )  # fmt: skip
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 reports (and wrote the files)
     for reason in result.refused:
         typer.echo(f"rescaling refused for {reason}", err=True)
     typer.echo(

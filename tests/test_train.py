@@ -7,6 +7,9 @@ import functools
 import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,3 +220,16 @@ def test_cli_train_evaluate_finetune(app, tmp_path, monkeypatch):
     bad = runner.invoke(app, ["train", SOURCE, "--data", "synthetic:64", "--out",
                               str(tmp_path / "b.pt"), "--mode", "magic"])  # fmt: skip
     assert isinstance(bad.exception, UsageError)
+
+
+def test_fxprune_train_under_torchrun(tmp_path):
+    """The real command under torchrun: 2 CPU ranks, one checkpoint, one report line."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc_per_node", "2", "-m", "fxprune.cli.main", "train",
+               "zoo:resnet20", "--data", "synthetic:256", "--epochs", "1",
+               "--out", "run.pt"]  # fmt: skip
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("wrote") == 1, run.stdout
+    loaded = load_source(str(tmp_path / "run.pt"))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.module.modules())
