@@ -15,6 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
+from fxprune import zoo
 from fxprune.errors import ExportError, UsageError, VerificationError
 from fxprune.export import (
     TMP_MARKER,
@@ -334,3 +335,32 @@ def test_kill_during_write_keeps_the_old_file_and_the_next_write_cleans_up(tmp_p
     atomic_write(target, lambda tmp: tmp.write_bytes(b"new"), force=True)  # the next run
     assert target.read_bytes() == b"new"
     assert_no_litter(tmp_path)
+
+
+# --------------------------------------------------------------------------- compact models
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2"])
+def test_pt2_and_onnx_of_compact_models_match(name: str, tmp_path: Path) -> None:
+    """A compiled ResNet-20 and MobileNetV2 (half of every group zeroed) exported as
+    .pt2 and ONNX, reloaded independently and compared with the compact model."""
+    from helpers import compile_checked
+
+    shape = (1, 3, 32, 32) if name == "resnet20" else (1, 3, 64, 64)
+    traced, result, errors = compile_checked(zoo.create_model(name).eval(), shape)
+    assert max(errors) <= 1e-4 and result.removed_classes > 0
+    x = torch.randn(shape)
+    with torch.no_grad():
+        expected = result.gm(x)
+    pt2 = export_pt2(result.gm, x, tmp_path / "small.pt2")
+    reloaded = torch.export.load(pt2.path).module()
+    with torch.no_grad():
+        assert relative_error(expected, reloaded(x)) <= 1e-4
+    if importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("needs fxprune[onnx] (onnxruntime) for the ONNX half")
+    import onnxruntime
+
+    onnx_file = export_onnx(result.gm, x, tmp_path / "small.onnx")
+    session = onnxruntime.InferenceSession(str(onnx_file.path))
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert relative_error(expected, torch.from_numpy(out)) <= 1e-4
