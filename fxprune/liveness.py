@@ -85,36 +85,37 @@ def probe_values(gm: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, obj
     return probe.values
 
 
-_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _weight_matrix(module: nn.Module) -> np.ndarray:
-    """Dense (out, in, k) view of a conv/linear weight; grouped convs are expanded.
+def nonzero_taps(module: nn.Module) -> np.ndarray:
+    """(out, in/groups) bool: which input channel of its group each output row reads
+    (any nonzero kernel tap). Grouped convs stay grouped: no dense expansion, which
+    for regnet_y_128gf would take gigabytes per layer.
 
     Cached per module until its weight is replaced or edited in place.
     """
     key = (id(module.weight), module.weight._version)
-    cached = _WEIGHTS.get(module)
+    cached = _TAPS.get(module)
     if cached is not None and cached[0] == key:
         return cached[1]
-    matrix = _dense_weight(module)
-    _WEIGHTS[module] = (key, matrix)
-    return matrix
+    w = module.weight.detach()
+    taps = (w.reshape(w.shape[0], w.shape[1], -1) != 0).any(-1).cpu().numpy()
+    _TAPS[module] = (key, taps)
+    return taps
 
 
-def _dense_weight(module: nn.Module) -> np.ndarray:
-    w = module.weight.detach().double().cpu()
+def per_row_inputs(module: nn.Module, per_input: np.ndarray) -> np.ndarray:
+    """Lay a per-input-channel array out as (out, in/groups): row o sees its group's inputs."""
+    groups, rows = getattr(module, "groups", 1), module.weight.shape[0]
+    return per_input.reshape(groups, -1)[np.repeat(np.arange(groups), rows // groups)]
+
+
+def inputs_read(module: nn.Module, live_rows: np.ndarray) -> np.ndarray:
+    """Per input channel: does some live output row read it (nonzero weight)?"""
+    taps = nonzero_taps(module) & live_rows[:, None]
     groups = getattr(module, "groups", 1)
-    w = w.reshape(w.shape[0], w.shape[1], -1)
-    if groups == 1:
-        return w.numpy()
-    out_per, in_per = w.shape[0] // groups, w.shape[1]
-    dense = torch.zeros(w.shape[0], in_per * groups, w.shape[2], dtype=w.dtype)
-    for g in range(groups):
-        dense[g * out_per : (g + 1) * out_per, g * in_per : (g + 1) * in_per] = w[
-            g * out_per : (g + 1) * out_per
-        ]
-    return dense.numpy()
+    return taps.reshape(groups, -1, taps.shape[1]).any(axis=1).reshape(-1)
 
 
 def zero_padded(module: nn.Module) -> bool:
@@ -192,12 +193,15 @@ def _forward_const(gm, modules) -> dict:
         x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         x_const = const.get(x) if x is not None and isinstance(const.get(x), np.ndarray) else None
         if rule in ("conv", "grouped"):
-            w = _weight_matrix(modules[node.target])
-            in_c = x_const if x_const is not None else np.zeros(w.shape[1], bool)
-            zero_live = ~np.any(w[:, ~in_c] != 0, axis=(1, 2))
-            if zero_padded(modules[node.target]):
-                zero_live &= ~np.any(w != 0, axis=(1, 2))
-            const[node] = zero_live
+            module = modules[node.target]
+            taps = nonzero_taps(module)
+            width = module.weight.shape[1] * getattr(module, "groups", 1)
+            in_c = x_const if x_const is not None else np.zeros(width, bool)
+            # constant when every row reads constant inputs only (and, with zero
+            # padding, reads nothing at all: the border would differ)
+            const[node] = ~(taps & ~per_row_inputs(module, in_c)).any(1)
+            if zero_padded(module):
+                const[node] &= ~taps.any(1)
         elif rule == "depthwise":
             m = modules[node.target]
             zero_w = ~np.any(m.weight.detach().reshape(n, -1).cpu().numpy() != 0, axis=1)
@@ -264,8 +268,9 @@ def _reads(user: fx.Node, inp: fx.Node, dead: dict, modules):
         return _all(inp, dead, True)
     live = ~dead[user] if isinstance(dead[user], np.ndarray) else None
     if rule in ("conv", "grouped") and user.args[0] is inp:
-        w = _weight_matrix(modules[user.target])
-        return np.any(w[live] != 0, axis=(0, 2))
+        module = modules[user.target]
+        rows = live if live is not None else np.ones(module.weight.shape[0], bool)
+        return inputs_read(module, rows)
     if rule == "depthwise" and user.args[0] is inp:
         m = modules[user.target]
         return live & np.any(m.weight.detach().reshape(live.size, -1).cpu().numpy() != 0, axis=1)

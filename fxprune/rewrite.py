@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprune.channel_rules import BINARY_FUNCTIONS, BINARY_METHODS, concrete, tensor_shape
-from fxprune.liveness import _weight_matrix, aligned_operands, channel_nodes, flat, zero_padded
+from fxprune.liveness import aligned_operands, channel_nodes, flat, per_row_inputs, zero_padded
 
 
 class BorderTerm(nn.Module):
@@ -180,17 +180,14 @@ class Rewriter:
 
     def _absorbed(self, node, module, x, in_keep) -> torch.Tensor | None:
         """(out, *kernel) contribution of the removed constant inputs, or None."""
-        const = self.live.const[x]
-        take = ~in_keep & const
+        take = ~in_keep & self.live.const[x]
         if not take.any():
             return None
-        values = self.live.values[x][take]
-        w = _weight_matrix(module)[:, take, :]  # (out, removed, k)
-        delta = np.einsum("ork,r->ok", w, values)
-        if not np.any(delta):
-            return None
-        kernel = tuple(module.weight.shape[2:])
-        return torch.tensor(delta.reshape((delta.shape[0],) + kernel))
+        values = np.where(take, self.live.values[x], 0.0)
+        weight = module.weight.detach().double()  # (out, in/groups, *kernel)
+        per_row = torch.from_numpy(per_row_inputs(module, values))  # (out, in/groups)
+        delta = torch.einsum("oi...,oi->o...", weight, per_row)
+        return delta if bool(delta.any()) else None
 
     def _absorb(self, node: fx.Node, conv: nn.Module, delta: torch.Tensor) -> None:
         uniform = isinstance(conv, nn.Linear) or not zero_padded(conv) or self.absorb == "bias"
