@@ -35,7 +35,7 @@ def _progress(stage: str):
     def report(record: dict) -> None:
         if record.get("event") == "step":
             return print_step(record, prefix=f"[demo] {stage} ")
-        keys = ("epoch", "cross_entropy", "lasso", "sparsity", "test_accuracy")
+        keys = ("epoch", "ce", "lasso", "sparsity", "accuracy")
         shown = {k: v for k, v in record.items() if k in keys}
         fields = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()]
         say(f"{stage} " + " ".join(fields))
