@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/compile_time.py
 	$(BIN)/python benchmarks/latency.py
 	$(BIN)/python benchmarks/trace_time.py
+	$(BIN)/python benchmarks/ista_overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 
 from fxprune.channels import analyse
-from fxprune.compile import compile_model, max_relative_error, run_model
 from fxprune.data import load_data
+from fxprune.demo import compile_trained
 from fxprune.errors import FxpruneError
 from fxprune.load import load_source
 from fxprune.report import ModelSummary, count_model, summary_table
 from fxprune.trace import trace_model
-from fxprune.train import TrainConfig, evaluate, train
+from fxprune.train import TrainConfig, train
 
 
 @dataclass(frozen=True)
@@ -120,13 +120,7 @@ def run_model_recipe(name: str, recipe: Recipe, args: argparse.Namespace) -> str
         ista = train(model, data, config, gm=traced.gm, analysis=analysis,
                      out_path=work / f"ista-{label}.pt", source=recipe.source,
                      progress=_progress(f"{name} {label}"))  # fmt: skip
-        model.cpu()
-        traced = trace_model(model, loaded.example)
-        analyse(traced.gm)
-        result = compile_model(traced)
-        x = torch.randn(8, *loaded.example.shape[1:])
-        error = max_relative_error(run_model(traced.gm, x), run_model(result.gm, x))
-        _, accuracy = evaluate(result.gm, data.test)
+        _, result, error, accuracy = compile_trained(model.cpu(), loaded.example, data.test)
         rows.append(
             ModelSummary.from_counts(count_model(result.gm, loaded.example), 100 * accuracy)
         )

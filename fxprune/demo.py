@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 from fxprune.channels import analyse
 from fxprune.cli.train_cmd import print_step
@@ -43,6 +44,18 @@ def _progress(stage: str):
     return report
 
 
+def compile_trained(model: torch.nn.Module, example: torch.Tensor, test: DataLoader) -> tuple:
+    """Trace and compile a trained model; returns (traced, result, max relative error of the
+    compiled model on 8 random inputs, compiled model's accuracy on `test`)."""
+    traced = trace_model(model, example)
+    analyse(traced.gm)
+    result = compile_model(traced)
+    x = torch.randn(8, *example.shape[1:])
+    error = max_relative_error(run_model(traced.gm, x), run_model(result.gm, x))
+    _, accuracy = evaluate(result.gm, test)
+    return traced, result, error, accuracy
+
+
 def main() -> int:
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -64,12 +77,7 @@ def main() -> int:
     ista = train(model, data, recipe.ista, out_path=OUT / "ista.pt", resume=None,
                  progress=_progress("ista"), **common)  # fmt: skip
     say("3/4 compiling: removing dead channels and folding constants")
-    traced = trace_model(model, loaded.example)
-    analyse(traced.gm)
-    result = compile_model(traced)
-    x = torch.randn(8, *loaded.example.shape[1:])
-    error = max_relative_error(run_model(traced.gm, x), run_model(result.gm, x))
-    _, compact_acc = evaluate(result.gm, data.test)
+    traced, result, error, compact_acc = compile_trained(model, loaded.example, data.test)
     say("4/4 exporting out/demo/small.ts (verified in a separate process)")
     export_torchscript(result.gm, loaded.example, OUT / "small.ts", force=True,
                        metadata={"source": recipe.source, "demo": True})  # fmt: skip
