@@ -64,8 +64,9 @@ def compile_model(traced: Traced, options: CompileOptions | None = None) -> Comp
     with `absorb="bias"` up to the paper's border error).
     """
     options = options or CompileOptions()
-    gm = copy.deepcopy(traced.gm).eval()
-    propagate_shapes(gm, traced.example)
+    gm = copy.deepcopy(traced.gm).eval()  # keeps node.meta: the traced shapes still hold
+    if not any("tensor_meta" in node.meta for node in gm.graph.nodes):
+        propagate_shapes(gm, traced.example)  # a GraphModule that was never traced by us
     analysis = analyse(gm)
     liveness = find_liveness(gm, traced.example)
     removed = removable_classes(gm, analysis, liveness)

@@ -291,10 +291,8 @@ def _structural_reads(user: fx.Node, inp: fx.Node, dead: dict):
     pairs = (
         zip(out_ids, out_dead, strict=True) if isinstance(out_ids, list) else [(out_ids, out_dead)]
     )
-    live_ids: set[int] = set()
-    for i, d in pairs:
-        if i is not None:
-            live_ids.update(r for r, dd in zip(flat(i).tolist(), d.tolist(), strict=True) if not dd)
+    live = [flat(i)[~d] for i, d in pairs if i is not None]
+    live_ids = np.concatenate(live) if live else np.zeros(0, np.int64)
     if (
         user.op == "call_function"
         and user.target.__name__ == "getitem"
@@ -306,8 +304,13 @@ def _structural_reads(user: fx.Node, inp: fx.Node, dead: dict):
         return masks
     in_ids = inp.meta["channels"]
     if isinstance(in_ids, list):
-        return [
-            np.array([r in live_ids for r in flat(i).tolist()]) if i is not None else None
-            for i in in_ids
-        ]
-    return np.array([r in live_ids for r in flat(in_ids).tolist()])
+        return [_member(flat(i), live_ids) if i is not None else None for i in in_ids]
+    return _member(flat(in_ids), live_ids)
+
+
+def _member(ids: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """`np.isin` for small non-negative ids, by a lookup table (linear time)."""
+    size = 1 + max(int(ids.max(initial=0)), int(members.max(initial=0)))
+    table = np.zeros(size, bool)
+    table[members] = True
+    return table[ids]

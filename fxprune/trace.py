@@ -152,8 +152,10 @@ class _ValueShapeProp(fx.Interpreter):
         return self.meta_root.get_submodule(target)(*args, **kwargs)
 
     def get_attr(self, target, args, kwargs):
-        root = self.meta_root if self.meta_root is not None else self.module
-        return self.fetch_attr_from(root, target)
+        value = self.fetch_attr_from(self.module, target)
+        if self.meta_root is not None and isinstance(value, torch.Tensor):
+            return value.detach().to("meta")
+        return value
 
     @staticmethod
     def fetch_attr_from(root: nn.Module, target: str):
@@ -175,14 +177,18 @@ def mutable_copy(value):
     return value
 
 
-def _meta_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of `module` whose parameters and buffers live on the meta device."""
+def _meta_copy(gm: fx.GraphModule) -> nn.Module:
+    """A deep copy of the submodules of `gm` (not its graph or code) whose
+    parameters and buffers live on the meta device."""
     memo: dict[int, object] = {}
-    for p in module.parameters():
+    for p in gm.parameters():
         memo[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
-    for b in module.buffers():
+    for b in gm.buffers():
         memo[id(b)] = b.detach().to("meta")
-    return copy.deepcopy(module, memo)
+    root = nn.Module()
+    for name, child in gm.named_children():
+        setattr(root, name, copy.deepcopy(child, memo))
+    return root
 
 
 def _is_plain_value(value) -> bool:
