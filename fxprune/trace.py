@@ -110,6 +110,25 @@ def symbolic_trace(module: nn.Module, leaves: dict[str, str] | None = None) -> f
     raise TraceError(f"torch.fx cannot trace {type(module).__name__}: too many untraceable parts")
 
 
+# Modules whose output has exactly their input's shape, dtype and layout: on the
+# meta device their shapes need no kernel (the meta batch norm alone is slow).
+SAME_SHAPE = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Identity,
+    nn.Dropout,
+    nn.GELU,
+    nn.LeakyReLU,
+)
+
+
 class _ValueShapeProp(fx.Interpreter):
     """ShapeProp that also records non-tensor results (sizes, ints) in meta["value"].
 
@@ -149,7 +168,12 @@ class _ValueShapeProp(fx.Interpreter):
     def call_module(self, target, args, kwargs):
         if self.meta_root is None:
             return super().call_module(target, args, kwargs)
-        return self.meta_root.get_submodule(target)(*args, **kwargs)
+        module = self.meta_root.get_submodule(target)
+        if type(module) in SAME_SHAPE and len(args) == 1 and not kwargs:
+            (x,) = args
+            if isinstance(x, torch.Tensor) and x.dim() >= 2:
+                return torch.empty_like(x)  # shape, dtype and layout are the input's
+        return module(*args, **kwargs)
 
     def get_attr(self, target, args, kwargs):
         value = self.fetch_attr_from(self.module, target)
