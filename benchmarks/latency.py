@@ -1,6 +1,7 @@
 """Eager and TorchScript latency of resnet50 vs its compact version (half of every
 prunable group removed), beside the fvcore FLOP ratio. Goal: latency ratio
-within 1.2x of the FLOP ratio. Measured interleaved in one run.
+within 1.2x of the FLOP ratio. Measured interleaved in one run; the compact
+model compiled with `--absorb bias` (no border terms) is timed beside it.
 
 Run: .venv/bin/python benchmarks/latency.py [--batch 8] [--repeats 10]
 """
@@ -16,7 +17,7 @@ import torch
 
 from fxprune import zoo
 from fxprune.channels import analyse
-from fxprune.compile import compile_model
+from fxprune.compile import CompileOptions, compile_model
 from fxprune.report import count_model
 from fxprune.sparsify import randomize_batchnorm, zero_random
 from fxprune.trace import trace_model
@@ -45,24 +46,27 @@ def main() -> None:
     analyse(traced.gm)
     zero_random(traced.gm, 0.5)
     compact = compile_model(traced).gm.eval()
+    no_border = compile_model(traced, CompileOptions(absorb="bias")).gm.eval()
     flops = count_model(traced.gm, x[:1]).flops / count_model(compact, x[:1]).flops
-    variants = {"eager": (traced.gm.eval(), compact)}
+    variants = {"eager": (traced.gm.eval(), compact, no_border)}
     variants["torchscript"] = tuple(
         torch.jit.freeze(torch.jit.script(m)) for m in variants["eager"]
     )
     print(f"{args.model} batch {args.batch}, threads {torch.get_num_threads()}, "
           f"fvcore FLOP ratio {flops:.2f}x")  # fmt: skip
-    for kind, (orig, small) in variants.items():
+    for kind, models in variants.items():
         for _ in range(2):  # warm-up
-            timed(orig, x), timed(small, x)
-        a, b = [], []
+            for m in models:
+                timed(m, x)
+        times: list[list[float]] = [[] for _ in models]
         for _ in range(args.repeats):  # interleaved
-            a.append(timed(orig, x))
-            b.append(timed(small, x))
-        ta, tb = statistics.median(a), statistics.median(b)
+            for m, t in zip(models, times, strict=True):
+                t.append(timed(m, x))
+        ta, tb, tc = (statistics.median(t) for t in times)
         ratio = ta / tb
         print(f"{kind:12} original {ta * 1e3:8.1f} ms  compact {tb * 1e3:8.1f} ms  "
-              f"speed-up {ratio:.2f}x  (FLOP ratio / speed-up = {flops / ratio:.2f})")  # fmt: skip
+              f"speed-up {ratio:.2f}x  (FLOP ratio / speed-up = {flops / ratio:.2f});  "
+              f"--absorb bias {tc * 1e3:.1f} ms")  # fmt: skip
 
 
 if __name__ == "__main__":
