@@ -1,4 +1,4 @@
-"""`make demo`: the whole pipeline on built-in data, in about 14 minutes on 2 CPU cores.
+"""`make demo`: the whole pipeline on built-in data, in 5 to 14 minutes on 2 CPU cores.
 
 Train the paper's CIFAR ConvNet on the generated `synthetic` data set, ISTA-train
 it (BN γ → exact zeros), compile the dead channels away, export `small.ts`
