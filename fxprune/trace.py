@@ -127,6 +127,20 @@ SAME_SHAPE = (
     nn.GELU,
     nn.LeakyReLU,
 )
+# The input ranks each BatchNorm accepts; anything else goes to the module, which raises.
+BN_RANKS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+
+
+def _keeps_shape(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """True when `module(*args, **kwargs)` surely returns a tensor of its input's
+    shape: a SAME_SHAPE type on one tensor that the module itself would accept."""
+    if type(module) not in SAME_SHAPE or len(args) != 1 or kwargs:
+        return False
+    (x,) = args
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        return False
+    ranks = BN_RANKS.get(type(module))
+    return ranks is None or (x.dim() in ranks and x.shape[1] == module.num_features)
 
 
 class _ValueShapeProp(fx.Interpreter):
@@ -169,10 +183,8 @@ class _ValueShapeProp(fx.Interpreter):
         if self.meta_root is None:
             return super().call_module(target, args, kwargs)
         module = self.meta_root.get_submodule(target)
-        if type(module) in SAME_SHAPE and len(args) == 1 and not kwargs:
-            (x,) = args
-            if isinstance(x, torch.Tensor) and x.dim() >= 2:
-                return torch.empty_like(x)  # shape, dtype and layout are the input's
+        if _keeps_shape(module, args, kwargs):
+            return torch.empty_like(args[0])  # shape, dtype and layout are the input's
         return module(*args, **kwargs)
 
     def get_attr(self, target, args, kwargs):

@@ -149,6 +149,16 @@ class DataDependent(nn.Module):
         return x
 
 
+def test_batchnorm_width_mismatch_is_a_trace_error():
+    """The meta-device shortcut for BatchNorm must not hide a model that cannot run."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(8), nn.ReLU())
+    with pytest.raises(TraceError, match="does not run on an input of shape"):
+        trace_model(model, torch.randn(1, 3, 8, 8))
+    flat = nn.Sequential(nn.Flatten(), nn.BatchNorm2d(192))
+    with pytest.raises(TraceError, match="does not run on an input of shape"):
+        trace_model(flat, torch.randn(1, 3, 8, 8))
+
+
 def test_untraceable_model_names_module_and_suggests_submodule():
     with pytest.raises(TraceError, match="DataDependent.*--submodule"):
         trace_model(DataDependent(), torch.randn(1, 3, 8, 8))
