@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/compile_time.py
 	$(BIN)/python benchmarks/latency.py --batch 1
 	$(BIN)/python benchmarks/latency.py --batch 8 --repeats 6
+	$(BIN)/python benchmarks/conv_path.py
 	$(BIN)/python benchmarks/trace_time.py
 	$(BIN)/python benchmarks/ista_overhead.py
 
