@@ -27,6 +27,8 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check fxprune cli zoo tests benchmarks
 	$(BIN)/ruff format --check fxprune cli zoo tests benchmarks
+	# the stage layers (pyproject.toml [tool.importlinter]): no stage imports a later one
+	LINT_IMPORTS=$(abspath $(BIN))/lint-imports .ci/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format fxprune cli zoo tests benchmarks

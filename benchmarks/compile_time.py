@@ -14,10 +14,11 @@ import warnings
 import torch
 
 from fxprune import zoo
-from fxprune.channels import analyse
-from fxprune.compile import compile_model, max_relative_error, run_model
-from fxprune.sparsify import randomize_batchnorm, zero_random
+from fxprune.analysis import analyse
+from fxprune.compile import compile_model
+from fxprune.testing import randomize_batchnorm, zero_random
 from fxprune.trace import trace_model
+from fxprune.verify import relative_error, run_model
 
 warnings.filterwarnings("ignore")
 MODELS = ["resnet50", "densenet201", "efficientnet_b0", "mobilenet_v3_large"]
@@ -38,7 +39,7 @@ def main() -> None:
         t2 = time.perf_counter()
         result = compile_model(traced)
         t3 = time.perf_counter()
-        error = max_relative_error(run_model(traced.gm, x), run_model(result.gm, x))
+        error = relative_error(run_model(traced.gm, x), run_model(result.gm, x))
         t4 = time.perf_counter()
         total = (t1 - t0) + (t3 - t2) + (t4 - t3)
         print(

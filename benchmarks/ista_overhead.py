@@ -18,16 +18,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fxprune.channels import analyse
-from fxprune.ista import IstaOptimizer, param_groups_for, penalty_targets
-from fxprune.load import load_source
-from fxprune.trace import trace_model
+from fxprune.pipeline import open_source
+from fxprune.train.ista import IstaOptimizer, param_groups_for, penalty_targets
 
 
 def make_steppers(batch_size: int):
-    loaded = load_source("zoo:convnet")
-    traced = trace_model(loaded.module, loaded.example)
-    targets = penalty_targets(traced.gm, analyse(traced.gm))
+    analysed = open_source("zoo:convnet")
+    loaded = analysed.loaded
+    targets = penalty_targets(analysed.traced.gm, analysed.analysis)
     bare_model, ista_model = loaded.module.train(), copy.deepcopy(loaded.module).train()
     bare = torch.optim.SGD(param_groups_for(bare_model, targets, 5e-4), lr=0.01, momentum=0.9)
     sgd = torch.optim.SGD(param_groups_for(ista_model, targets, 5e-4), lr=0.01, momentum=0.9)

@@ -16,11 +16,10 @@ import warnings
 import torch
 
 from fxprune import zoo
-from fxprune.channels import analyse
-from fxprune.compile import CompileOptions, compile_model
+from fxprune.compile import CompileOptions
+from fxprune.pipeline import compile_analysed, loaded_module, open_module
 from fxprune.report import count_model
-from fxprune.sparsify import randomize_batchnorm, zero_random
-from fxprune.trace import trace_model
+from fxprune.testing import randomize_batchnorm, zero_random
 
 warnings.filterwarnings("ignore")
 
@@ -42,11 +41,12 @@ def main() -> None:
     randomize_batchnorm(model)
     shape = zoo.model_info(args.model).input_shape
     x = torch.randn((args.batch, *shape[1:]))
-    traced = trace_model(model, x[:1])
-    analyse(traced.gm)
+    analysed = open_module(loaded_module(model, x[:1], f"zoo:{args.model}"))
+    traced = analysed.traced
     zero_random(traced.gm, 0.5)
-    compact = compile_model(traced).gm.eval()
-    no_border = compile_model(traced, CompileOptions(absorb="bias")).gm.eval()
+    compact = compile_analysed(analysed).result.gm.eval()
+    bias_fold = CompileOptions(absorb="bias")
+    no_border = compile_analysed(analysed, options=bias_fold, verify=0).result.gm.eval()
     flops = count_model(traced.gm, x[:1]).flops / count_model(compact, x[:1]).flops
     variants = {"eager": (traced.gm.eval(), compact, no_border)}
     variants["torchscript"] = tuple(

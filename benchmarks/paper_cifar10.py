@@ -27,14 +27,14 @@ from pathlib import Path
 
 import torch
 
-from fxprune.channels import analyse
-from fxprune.data import load_data
+from fxprune.analysis import analyse
 from fxprune.demo import compile_trained
 from fxprune.errors import FxpruneError
 from fxprune.load import load_source
 from fxprune.report import ModelSummary, count_model, summary_table
 from fxprune.trace import trace_model
 from fxprune.train import TrainConfig, train
+from fxprune.train.data import load_data
 
 
 @dataclass(frozen=True)

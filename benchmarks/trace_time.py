@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fxprune import zoo
-from fxprune.channels import analyse
+from fxprune.analysis import analyse
 from fxprune.trace import trace_model
 
 

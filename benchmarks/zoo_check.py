@@ -19,11 +19,12 @@ import warnings
 import torch
 
 from fxprune import zoo
-from fxprune.channels import analyse
-from fxprune.compile import compile_model, max_relative_error, run_model
+from fxprune.analysis import analyse
+from fxprune.compile import compile_model
 from fxprune.report import count_model
-from fxprune.sparsify import randomize_batchnorm, zero_test_pattern
+from fxprune.testing import randomize_batchnorm, zero_test_pattern
 from fxprune.trace import trace_model
+from fxprune.verify import TOLERANCE, relative_error, run_model
 
 warnings.filterwarnings("ignore")
 
@@ -49,12 +50,12 @@ def check_model(name: str, shape=None, *, script: bool = True) -> dict:
         row["zeroed"] = zero_test_pattern(traced.gm, 0.5, seed=0)
         result = compile_model(traced)
         ref, out = run_model(traced.gm, x), run_model(result.gm, x)
-        row["error"] = max_relative_error(ref, out)
+        row["error"] = relative_error(ref, out)
         row["params"], row["flops"] = _before_after(traced.gm, result.gm, x)
         if script:
             scripted = _script(result.gm, x)
-            row["ts_error"] = max_relative_error(out, run_model(scripted, x))
-        ok = row["error"] <= 1e-4 and row.get("ts_error", 0) <= 1e-4
+            row["ts_error"] = relative_error(out, run_model(scripted, x))
+        ok = row["error"] <= TOLERANCE and row.get("ts_error", 0) <= TOLERANCE
         row.setdefault("status", "ok" if ok else "MISMATCH")
         if zoo.has_batchnorm(model) and result.removed_classes == 0:
             row["status"] = "FAIL: nothing removed"

@@ -1,6 +1,6 @@
 """`fxprune serve`, `fxprune export`, `fxprune plot`, `fxprune bench`: deployment commands.
 
-Thin commands over fxprune.serve, fxprune.export, fxprune.plot and fxprune.bench.
+Thin commands over fxprune.serve, fxprune.export and fxprune.report.
 Progress goes to stderr, results to stdout; domain errors are FxpruneError
 subclasses, turned into one line by the CLI's main.
 """
@@ -73,9 +73,6 @@ def serve_command(
     _err("[fxprune] server stopped")
 
 
-EXPORT_FORMATS = ("torchscript", "pt2", "onnx")
-
-
 def export_command(
     source: SourceArg,
     fmt: Annotated[str, typer.Option("--format", help="torchscript, pt2 or onnx")],
@@ -91,57 +88,18 @@ def export_command(
     A compact checkpoint (`fxprune compile --save-checkpoint`) exports the compiled model.
     The file is written atomically and only after it loads back with the same outputs.
     """
-    result = export_source(source, fmt, out, input_shape=input_shape, weights=weights,
-                           opset=opset, force=force, trust_pickle=trust_pickle)  # fmt: skip
+    from fxprune.load import parse_input_shape
+    from fxprune.pipeline import export_source
+
+    result = export_source(source, fmt, out, input_shape=parse_input_shape(input_shape),
+                           weights=weights, opset=opset, force=force,
+                           trust_pickle=trust_pickle)  # fmt: skip
     for note in result.warnings:
         _err(f"warning: {note}")
     error = "not verified" if result.max_rel_error is None else f"{result.max_rel_error:.2e}"
     typer.echo(f"exported {source} as {result.format} ({result.method}); "
                f"max relative error vs the model: {error}")  # fmt: skip
     typer.echo(f"wrote {result.path}")
-
-
-def export_source(
-    source: str,
-    fmt: str,
-    out: Path,
-    *,
-    input_shape: str | None = None,
-    weights: Path | None = None,
-    opset: int = 18,
-    force: bool = False,
-    trust_pickle: bool = False,
-):
-    """load → trace → export with ``fxprune.json`` metadata (input shape, widths, counts)."""
-    import torch
-
-    import fxprune
-    from fxprune.errors import UsageError
-    from fxprune.export import check_target, export_onnx, export_pt2, export_torchscript
-    from fxprune.load import load_source, parse_input_shape
-    from fxprune.report import count_model
-    from fxprune.trace import trace_model
-
-    if fmt not in EXPORT_FORMATS:
-        raise UsageError(f"unknown --format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
-    protect = [p for p in (Path(source), weights) if p is not None and Path(p).exists()]
-    check_target(out, force=force, protect=protect)  # before any slow work
-    loaded = load_source(source, weights=weights, input_shape=parse_input_shape(input_shape),
-                         trust_pickle=trust_pickle)  # fmt: skip
-    traced = trace_model(loaded.module, loaded.example)
-    counts = count_model(traced.gm, traced.example)
-    metadata = {
-        "fxprune_version": fxprune.__version__, "torch_version": torch.__version__,
-        "source": source, "format": fmt, "input_shape": list(traced.example.shape),
-        "channels": {name: layer.out_channels for name, layer in counts.layers.items()},
-        "params": counts.params, "flops": counts.flops,
-    }  # fmt: skip
-    if fmt == "onnx":
-        metadata["opset"] = opset
-        return export_onnx(traced.gm, traced.example, out, opset=opset, metadata=metadata,
-                           force=force, protect=protect)  # fmt: skip
-    export = export_pt2 if fmt == "pt2" else export_torchscript
-    return export(traced.gm, traced.example, out, metadata=metadata, force=force, protect=protect)
 
 
 def bench_command(
@@ -172,8 +130,8 @@ def bench_command(
     trust_pickle: TrustPickle = False,
 ) -> None:
     """Latency and throughput of SOURCE vs its compact version, measured interleaved."""
-    from fxprune.bench import BenchConfig, bench_models, parse_batches
     from fxprune.load import load_source, parse_input_shape
+    from fxprune.report.bench import BenchConfig, bench_models, parse_batches
 
     config = BenchConfig(batches=parse_batches(batch), repeats=repeats, warmup=warmup,
                          threads=threads, torchscript=torchscript)  # fmt: skip
@@ -194,23 +152,16 @@ def bench_command(
 
 
 def _compile_for_bench(loaded, sparsity: float | None):
-    from fxprune.channels import analyse
-    from fxprune.compile import compile_model
     from fxprune.errors import UsageError
-    from fxprune.sparsify import apply_sparsity
-    from fxprune.trace import trace_model
+    from fxprune.pipeline import compile_analysed, open_module
 
-    traced = trace_model(loaded.module, loaded.example)
-    analyse(traced.gm)
-    if sparsity is not None:
-        if not 0.0 <= sparsity < 1.0:
-            raise UsageError(f"--sparsity must be in [0, 1), not {sparsity}")
-        apply_sparsity(traced.gm, sparsity)
-    result = compile_model(traced)
-    if not result.changed:
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise UsageError(f"--sparsity must be in [0, 1), not {sparsity}")
+    compiled = compile_analysed(open_module(loaded), sparsity=sparsity)
+    if not compiled.result.changed:
         _err("warning: nothing to prune (no exact zeros): both sides are the same model; "
              "give COMPACT or --sparsity")  # fmt: skip
-    return result.gm
+    return compiled.result.gm
 
 
 def plot_command(
@@ -233,10 +184,10 @@ def plot_command(
 ) -> None:
     """Per-layer channel widths before/after as bars; with --log, the training curves."""
     from fxprune.errors import UsageError
-    from fxprune.export import check_target
+    from fxprune.files import check_target
     from fxprune.load import load_source, parse_input_shape
-    from fxprune.plot import plot_report, read_training_log
     from fxprune.report import count_model
+    from fxprune.report.plot import plot_report, read_training_log
 
     sources = sources or []
     labels = names.split(",") if names else [Path(s).stem if ":" not in s else s for s in sources]
@@ -251,3 +202,12 @@ def plot_command(
         models.append((label, count_model(loaded.module, loaded.example)))
     written = plot_report(out, models, records, force=force, title=title)
     typer.echo(f"wrote {written}")
+
+
+__all__ = [
+    "bench_command",
+    "export_command",
+    "plot_command",
+    "register",
+    "serve_command",
+]

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 import fxprune
-from fxprune.cli.options import InputShape, SourceArg, Submodule, TrustPickle, Weights
+from fxprune.cli.options import Force, InputShape, SourceArg, Submodule, TrustPickle, Weights
 from fxprune.errors import FxpruneError
 
 app = typer.Typer(
@@ -108,19 +108,17 @@ def trace(
 
 
 def _trace_source(source, weights, input_shape, submodule, trust_pickle):
-    """load → trace → analyse, as `trace` and `doctor` both need it."""
-    from fxprune.channels import analyse
-    from fxprune.load import load_source, parse_input_shape
-    from fxprune.trace import trace_model
+    """load → trace → analyse through the pipeline, as `trace` and `doctor` need it."""
+    from fxprune.load import parse_input_shape
+    from fxprune.pipeline import open_source
 
-    shape = parse_input_shape(input_shape)
-    loaded = load_source(source, weights=weights, input_shape=shape, trust_pickle=trust_pickle)
-    traced = trace_model(loaded.module, loaded.example, submodule or None)
-    return traced, analyse(traced.gm)
+    analysed = open_source(source, weights=weights, input_shape=parse_input_shape(input_shape),
+                           submodule=submodule or None, trust_pickle=trust_pickle)  # fmt: skip
+    return analysed.traced, analysed.analysis
 
 
 def _penalties(traced, analysis) -> dict[str, float]:
-    from fxprune.ista import layer_penalties
+    from fxprune.train.ista import layer_penalties
 
     return {k: float(v) for k, v in layer_penalties(traced.gm, analysis).items()}
 
@@ -167,7 +165,7 @@ def compile_cmd(
         int, typer.Option(help="Check the compact model on N random inputs before writing")
     ] = 3,
     trust_pickle: TrustPickle = False,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs")] = False,
+    force: Force = False,
 ) -> None:
     """Remove dead channels exactly and write a verified TorchScript artifact."""
     from fxprune.load import parse_input_shape
@@ -234,7 +232,7 @@ def report(
 def _report_data(spec: str | None):
     if spec is None:
         return None
-    from fxprune.data import load_data
+    from fxprune.train.data import load_data
 
     return load_data(spec, batch_size=256)
 
@@ -259,11 +257,14 @@ def doctor(
     """Trace, analyse and compile with random zeros; print what was frozen and why."""
     from collections import Counter
 
-    from fxprune.compile import compile_model, run_model
-    from fxprune.pipeline import verify_equal
-    from fxprune.sparsify import zero_random
+    from fxprune.errors import VerificationError
+    from fxprune.load import parse_input_shape
+    from fxprune.pipeline import compile_analysed, open_source
+    from fxprune.testing import zero_random
 
-    traced, analysis = _trace_source(source, weights, input_shape, submodule, trust_pickle)
+    analysed = open_source(source, weights=weights, input_shape=parse_input_shape(input_shape),
+                           submodule=submodule or None, trust_pickle=trust_pickle)  # fmt: skip
+    traced, analysis = analysed.traced, analysed.analysis
     typer.echo(analysis.summary())
     reasons = Counter(r for g in analysis.groups for r in set(g.frozen.values()))
     for reason, count in reasons.most_common():
@@ -271,14 +272,13 @@ def doctor(
     for name, reason in traced.leaves.items():
         typer.echo(f"leaf module {name}: {reason}")
     zeroed = zero_random(traced.gm, 0.5, seed=0)
-    run_model(traced.gm, traced.example)
-    result = compile_model(traced)
-    error = verify_equal(traced.gm, result.gm, traced.example, 3, 0)
-    status = "OK" if error <= 1e-4 else "MISMATCH (please report this model)"
-    typer.echo(f"random zeros: {zeroed} channels zeroed, {result.removed_classes} removed, "
-               f"max relative error {error:.2e}: {status}")  # fmt: skip
-    if error > 1e-4:
-        raise typer.Exit(1)
+    try:
+        compiled = compile_analysed(analysed)
+    except VerificationError as exc:
+        typer.echo(f"random zeros: {zeroed} channels zeroed: MISMATCH (please report this model)")
+        raise typer.Exit(1) from exc
+    typer.echo(f"random zeros: {zeroed} channels zeroed, {compiled.result.removed_classes} "
+               f"removed, max relative error {compiled.max_error:.2e}: OK")  # fmt: skip
 
 
 def _register_optional_commands() -> None:
@@ -332,3 +332,16 @@ def run() -> None:
 
 if __name__ == "__main__":
     run()
+
+
+__all__ = [
+    "STATE",
+    "compile_cmd",
+    "doctor",
+    "err",
+    "main",
+    "report",
+    "run",
+    "trace",
+    "zoo_list",
+]

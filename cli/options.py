@@ -24,4 +24,6 @@ TrustPickle = Annotated[
     bool,
     typer.Option("--trust-pickle", help="Allow files that unpickle arbitrary objects (runs code)"),
 ]
-Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing --out")]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite existing output files")]
+
+__all__ = ["Force", "InputShape", "SourceArg", "Submodule", "TrustPickle", "Weights"]

@@ -14,9 +14,9 @@ from typing import Annotated
 import torch
 import typer
 
+from fxprune.cli.options import Force, Weights
 from fxprune.errors import CheckpointError, DataError, UsageError
-
-EPOCH_LINE = "epoch {epoch}/{epochs}  ce {ce:.4f}  acc {accuracy:.2%}  sparsity {sparsity:.1%}"
+from fxprune.train.progress import event_lines
 
 Data = Annotated[str, typer.Option("--data", help="Data set: synthetic, synthetic:N, cifar10:DIR, "
                                    "imagefolder:DIR.")]  # fmt: skip
@@ -27,12 +27,8 @@ Lr = Annotated[float, typer.Option("--lr", help="Learning rate μ (SGD with mome
 Schedule = Annotated[str, typer.Option(help="LR schedule: cosine, step or none.")]
 Device = Annotated[str, typer.Option(help="cpu or cuda.")]
 Seed = Annotated[int, typer.Option(help="Seed of the data order and all randomness.")]
-Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing --out.")]
 Resume = Annotated[
     Path | None, typer.Option("--resume", help="Continue the run saved in this checkpoint.")
-]
-Weights = Annotated[
-    Path | None, typer.Option("--weights", help="state_dict file to load into SOURCE first.")
 ]
 
 
@@ -123,9 +119,9 @@ def evaluate_command(
     weights: Weights = None,
 ) -> None:
     """Test loss and accuracy of SOURCE on DATA."""
-    from fxprune.data import load_data
     from fxprune.load import load_source
     from fxprune.train import evaluate
+    from fxprune.train.data import load_data
 
     loaded = load_source(source, weights=weights)
     bundle = load_data(data, batch_size=batch_size)
@@ -168,22 +164,21 @@ def check_classes(model: torch.nn.Module, bundle) -> None:
 
 
 def run_training(source, data, out, config, *, resume, weights, force) -> None:
-    from fxprune.channels import analyse
-    from fxprune.data import load_data
-    from fxprune.export import check_target
+    from fxprune.files import check_target
     from fxprune.load import load_source
-    from fxprune.trace import trace_model
+    from fxprune.pipeline import loaded_module, open_module
     from fxprune.train import train
+    from fxprune.train.data import load_data
 
     same = resume is not None and Path(resume).absolute() == Path(out).absolute()
     check_target(out, force=force or same, protect=[source] if Path(source).is_file() else [])
     loaded = load_source(source, weights=weights)
     bundle = load_data(data, batch_size=config.batch_size, seed=config.seed)
     check_classes(loaded.module, bundle)
-    example = torch.randn(bundle.input_shape)
-    traced = trace_model(loaded.module, example)
+    analysed = open_module(loaded_module(loaded.module, torch.randn(bundle.input_shape), source))
     result = train(
-        loaded.module, bundle, config, gm=traced.gm, analysis=analyse(traced.gm), out_path=out,
+        loaded.module, bundle, config, gm=analysed.traced.gm, analysis=analysed.analysis,
+        out_path=out,
         resume=resume, progress=print_epoch, **architecture_of(source),
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) != 0:
@@ -198,22 +193,29 @@ def run_training(source, data, out, config, *, resume, weights, force) -> None:
         typer.echo(f"snapshot {snapshot}")
 
 
-def print_step(event: dict, prefix: str = "") -> None:
-    """Progress inside an epoch: a line on stderr at each quarter of its steps."""
-    step, steps = event["step"], event["steps"]
-    if step < steps and step % max(1, steps // 4) == 0:
-        print(f"{prefix}epoch {event['epoch']}/{event['epochs']}  step {step}/{steps}  "
-              f"loss {event['loss']:.4f}", file=sys.stderr, flush=True)  # fmt: skip
-
-
 def print_epoch(event: dict) -> None:
-    """One line per epoch on stderr (and a few within it), plus the monitor's advice."""
-    if event.get("event") == "step":
-        return print_step(event)
-    if event.get("event") != "epoch":
-        return
-    line = EPOCH_LINE.format(**event)
-    line += f"  lr {event['lr']:.3g}" + (f"  ρ {event['rho']:.3g}" if event.get("rho") else "")
-    print(line + f"  ({event['seconds']:.0f} s)", file=sys.stderr, flush=True)
-    for advice in event.get("warnings", []):
-        print(f"  warning: {advice}", file=sys.stderr, flush=True)
+    """Training progress on stderr: quarter-epoch lines, one line per epoch, advice."""
+    for line in event_lines(event):
+        print(line, file=sys.stderr, flush=True)
+
+
+__all__ = [
+    "BatchSize",
+    "Data",
+    "Device",
+    "Epochs",
+    "Lr",
+    "Out",
+    "Resume",
+    "Schedule",
+    "Seed",
+    "architecture_of",
+    "check_classes",
+    "evaluate_command",
+    "finetune_command",
+    "parse_levels",
+    "print_epoch",
+    "register",
+    "run_training",
+    "train_command",
+]

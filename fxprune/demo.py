@@ -15,15 +15,19 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from fxprune.channels import analyse
-from fxprune.cli.train_cmd import print_step
-from fxprune.compile import compile_model, max_relative_error, run_model
-from fxprune.data import load_data
-from fxprune.export import export_torchscript
 from fxprune.load import load_source
+from fxprune.pipeline import (
+    artifact_metadata,
+    compile_analysed,
+    export_model,
+    loaded_module,
+    open_module,
+)
 from fxprune.report import ModelSummary, count_model, summary_table
-from fxprune.trace import trace_model
 from fxprune.train import demo_recipe, evaluate, train
+from fxprune.train.data import load_data
+from fxprune.train.progress import step_line
+from fxprune.verify import relative_error, run_model
 
 OUT = Path("out/demo")
 
@@ -35,7 +39,10 @@ def say(message: str) -> None:
 def _progress(stage: str):
     def report(record: dict) -> None:
         if record.get("event") == "step":
-            return print_step(record, prefix=f"[demo] {stage} ")
+            line = step_line(record, prefix=f"[demo] {stage} ")
+            if line:
+                print(line, file=sys.stderr, flush=True)
+            return
         keys = ("epoch", "ce", "lasso", "sparsity", "accuracy")
         shown = {k: v for k, v in record.items() if k in keys}
         fields = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()]
@@ -47,11 +54,11 @@ def _progress(stage: str):
 def compile_trained(model: torch.nn.Module, example: torch.Tensor, test: DataLoader) -> tuple:
     """Trace and compile a trained model; returns (traced, result, max relative error of the
     compiled model on 8 random inputs, compiled model's accuracy on `test`)."""
-    traced = trace_model(model, example)
-    analyse(traced.gm)
-    result = compile_model(traced)
+    analysed = open_module(loaded_module(model, example))
+    compiled = compile_analysed(analysed)
     x = torch.randn(8, *example.shape[1:])
-    error = max_relative_error(run_model(traced.gm, x), run_model(result.gm, x))
+    traced, result = analysed.traced, compiled.result
+    error = relative_error(run_model(traced.gm, x), run_model(result.gm, x))
     _, accuracy = evaluate(result.gm, test)
     return traced, result, error, accuracy
 
@@ -65,8 +72,8 @@ def main() -> int:
     data = load_data(recipe.data, batch_size=recipe.pretrain.batch_size, seed=0)
     loaded = load_source(recipe.source, input_shape=data.input_shape)
     model = loaded.module
-    traced = trace_model(model, loaded.example)
-    analysis = analyse(traced.gm)
+    analysed = open_module(loaded)
+    traced, analysis = analysed.traced, analysed.analysis
     say(f"{recipe.source}: {analysis.summary()}")
     common = {"gm": traced.gm, "analysis": analysis, "source": recipe.source}
     say(f"1/4 training the ConvNet normally for {recipe.pretrain.epochs} epochs")
@@ -79,11 +86,13 @@ def main() -> int:
     say("3/4 compiling: removing dead channels and folding constants")
     traced, result, error, compact_acc = compile_trained(model, loaded.example, data.test)
     say("4/4 exporting out/demo/small.ts (verified in a separate process)")
-    export_torchscript(result.gm, loaded.example, OUT / "small.ts", force=True,
-                       metadata={"source": recipe.source, "demo": True})  # fmt: skip
+    before, after = count_model(traced.gm, loaded.example), count_model(result.gm, loaded.example)
+    metadata = artifact_metadata(recipe.source, loaded.example, before, after, demo=True)
+    export_model(result.gm, loaded.example, OUT / "small.ts", "torchscript", metadata=metadata,
+                 force=True)  # fmt: skip
     rows = [
-        ModelSummary.from_counts(count_model(traced.gm, loaded.example), 100 * ista.test_accuracy),
-        ModelSummary.from_counts(count_model(result.gm, loaded.example), 100 * compact_acc),
+        ModelSummary.from_counts(before, 100 * ista.test_accuracy),
+        ModelSummary.from_counts(after, 100 * compact_acc),
     ]
     print(summary_table(rows, names=["ConvNet (ISTA-trained)", "compiled"], fmt="text"))
     print(f"base accuracy {100 * base_acc:.1f}% · after ISTA {100 * ista.test_accuracy:.1f}% · "
@@ -96,3 +105,11 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = [
+    "OUT",
+    "compile_trained",
+    "main",
+    "say",
+]

@@ -6,6 +6,8 @@ the fix; only the CLI turns them into a line on stderr and an exit code.
 
 from __future__ import annotations
 
+import re
+
 
 class FxpruneError(Exception):
     """Base class: a user-facing error with a one-line message."""
@@ -45,3 +47,35 @@ class ExportError(FxpruneError):
 
 class DataError(FxpruneError):
     """A data set is missing or not laid out as expected."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(exc: BaseException, *, with_type: bool = False, limit: int = 300) -> str:
+    """The first non-blank line of an exception's message (ANSI colours removed),
+    cut to `limit` characters; `with_type` prefixes the exception's class name."""
+    text = _ANSI.sub("", str(exc))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = (lines[0] if lines else type(exc).__name__)[:limit]
+    return f"{type(exc).__name__}: {line}" if with_type else line
+
+
+def describe(exc: BaseException) -> str:
+    """`ExceptionType: first line of its message`, for one-line error reports."""
+    return first_line(exc, with_type=True)
+
+
+__all__ = [
+    "CheckpointError",
+    "CompileError",
+    "DataError",
+    "ExportError",
+    "FxpruneError",
+    "LoadError",
+    "TraceError",
+    "UsageError",
+    "VerificationError",
+    "describe",
+    "first_line",
+]

@@ -1,6 +1,13 @@
 """The front door as a library call: load → trace → analyse → zero → compile →
-verify → export → report. The CLI's `compile` command fills a `CompileConfig`
-and calls `compile_source`; nothing here prints or exits.
+verify → export → report. Every CLI command, the demo and the benchmarks go
+through these functions; nothing here prints or exits.
+
+- `open_source` / `open_module`: load → trace → analyse (an `Analysed`).
+- `compile_analysed`: zero (threshold, sparsity or a test pattern) → compile →
+  verify against the original (NaN-aware, `fxprune.verify.TOLERANCE`).
+- `artifact_metadata`: the one `fxprune.json` schema every artifact embeds.
+- `export_model`: write and verify an artifact in any of `EXPORT_FORMATS`.
+- `compile_source`: the whole `fxprune compile` command as one call.
 """
 
 from __future__ import annotations
@@ -12,22 +19,191 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 import fxprune
-from fxprune.channels import ChannelAnalysis, analyse
+from fxprune.analysis import ChannelAnalysis, analyse
 from fxprune.compile import (
     CompileOptions,
     CompileResult,
+    apply_sparsity,
+    apply_threshold,
     compile_model,
-    max_relative_error,
-    run_model,
 )
 from fxprune.errors import UsageError, VerificationError
+from fxprune.export import ExportResult, export_onnx, export_pt2, export_torchscript
+from fxprune.files import check_target
 from fxprune.load import Loaded, checkpoint_dict, load_source, save_checkpoint
 from fxprune.report import ModelCounts, count_model, layer_table
 from fxprune.trace import Traced, trace_model
+from fxprune.verify import TOLERANCE, relative_error, run_model, verify_equal
 
-TOLERANCE = 1e-4
+EXPORT_FORMATS = ("torchscript", "pt2", "onnx")
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Analysed:
+    """A model after load → trace → analyse."""
+
+    loaded: Loaded
+    traced: Traced
+    analysis: ChannelAnalysis
+
+
+def open_source(
+    source: str,
+    *,
+    weights: str | Path | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    submodule: str | None = None,
+    trust_pickle: bool = False,
+    seed: int = 0,
+) -> Analysed:
+    """load → trace → analyse a source string (see `fxprune.load.load_source`)."""
+    loaded = load_source(
+        source, weights=weights, input_shape=input_shape, trust_pickle=trust_pickle, seed=seed
+    )
+    return open_module(loaded, submodule=submodule)
+
+
+def open_module(loaded: Loaded, *, submodule: str | None = None) -> Analysed:
+    """trace → analyse an already loaded model (e.g. one just trained in memory)."""
+    traced = trace_model(loaded.module, loaded.example, submodule)
+    return Analysed(loaded, traced, analyse(traced.gm))
+
+
+def loaded_module(module: nn.Module, example: torch.Tensor, source: str = "<module>") -> Loaded:
+    """Wrap an in-memory model and its example input as a `Loaded`."""
+    return Loaded(module, example, source, tuple(example.shape))
+
+
+@dataclass
+class Compiled:
+    """What `compile_analysed` did: the compact model, how many channels were zeroed
+    first, how far zeroing moved the output (None if nothing was zeroed) and the
+    verified max relative error of the compact model against the zeroed original."""
+
+    result: CompileResult
+    zeroed: int
+    drift: float | None
+    max_error: float
+
+
+def zero_channels(
+    analysed: Analysed, *, threshold: float | None = None, sparsity: float | None = None
+) -> int:
+    """Zero |γ| ≤ threshold, or the `sparsity` fraction with the smallest |γ|·λ (Eq. 2)."""
+    if threshold is not None:
+        return apply_threshold(analysed.traced.gm, threshold)
+    if sparsity is not None:
+        return apply_sparsity(analysed.traced.gm, sparsity)
+    return 0
+
+
+def compile_analysed(
+    analysed: Analysed,
+    *,
+    options: CompileOptions | None = None,
+    threshold: float | None = None,
+    sparsity: float | None = None,
+    verify: int = 3,
+    seed: int = 0,
+) -> Compiled:
+    """zero → compile → verify. With exact absorption a compact model that differs
+    from the (zeroed) original by more than TOLERANCE raises VerificationError."""
+    options = options or CompileOptions()
+    traced = analysed.traced
+    zeroing = threshold is not None or sparsity is not None
+    reference = run_model(traced.gm, traced.example) if zeroing else None
+    zeroed = zero_channels(analysed, threshold=threshold, sparsity=sparsity)
+    after = run_model(traced.gm, traced.example) if zeroed else None
+    drift = relative_error(reference, after) if zeroed else None
+    result = compile_model(traced, options)
+    max_error = verify_equal(traced.gm, result.gm, traced.example, verify, seed)
+    if options.absorb == "exact" and not max_error <= TOLERANCE:
+        raise VerificationError(
+            f"compiled model differs from the original by {max_error:.2e} (> {TOLERANCE:g}); "
+            "nothing was written — please report this model to the fxprune issue tracker"
+        )
+    return Compiled(result, zeroed, drift, max_error)
+
+
+def artifact_metadata(
+    source: str,
+    example: torch.Tensor,
+    before: ModelCounts,
+    after: ModelCounts | None = None,
+    **extra: object,
+) -> dict:
+    """The `fxprune.json` embedded in every artifact: versions, source, input shape,
+    per-layer output channels, parameters and FLOPs (before → after when compiled)."""
+    after = after or before
+    channels = {
+        name: {
+            "before": layer.out_channels,
+            "after": after.layers[name].out_channels if name in after.layers else 0,
+        }
+        for name, layer in before.layers.items()
+    }
+    return {
+        "fxprune_version": fxprune.__version__,
+        "torch_version": torch.__version__,
+        "source": source,
+        "input_shape": list(example.shape),
+        "channels": channels,
+        "params": {"before": before.params, "after": after.params},
+        "flops": {"before": before.flops, "after": after.flops},
+        **extra,
+    }
+
+
+def export_model(
+    module: nn.Module,
+    example: torch.Tensor,
+    out: Path,
+    fmt: str,
+    *,
+    metadata: dict,
+    opset: int = 18,
+    force: bool = False,
+    protect: list[Path] | tuple = (),
+) -> ExportResult:
+    """Write `module` as a verified artifact in `fmt` (one of EXPORT_FORMATS)."""
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"unknown --format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    if fmt == "onnx":
+        return export_onnx(module, example, out, opset=opset, metadata=metadata, force=force,
+                           protect=protect)  # fmt: skip
+    export = export_pt2 if fmt == "pt2" else export_torchscript
+    return export(module, example, out, metadata=metadata, force=force, protect=protect)
+
+
+def export_source(
+    source: str,
+    fmt: str,
+    out: Path,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    weights: Path | None = None,
+    opset: int = 18,
+    force: bool = False,
+    trust_pickle: bool = False,
+) -> ExportResult:
+    """load → trace → export a model as it is (no pruning), with `fxprune.json`."""
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"unknown --format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    protect = [p for p in (Path(source), weights) if p is not None and Path(p).exists()]
+    check_target(out, force=force, protect=protect)  # before any slow work
+    loaded = load_source(
+        source, weights=weights, input_shape=input_shape, trust_pickle=trust_pickle
+    )
+    traced = trace_model(loaded.module, loaded.example)
+    counts = count_model(traced.gm, traced.example)
+    extra = {"format": fmt, **({"opset": opset} if fmt == "onnx" else {})}
+    metadata = artifact_metadata(source, traced.example, counts, **extra)
+    return export_model(traced.gm, traced.example, out, fmt, metadata=metadata, opset=opset,
+                        force=force, protect=protect)  # fmt: skip
 
 
 @dataclass
@@ -97,13 +273,9 @@ class CompileOutcome:
         }
 
 
-Progress = Callable[[str], None]
-
-
 def compile_source(config: CompileConfig, progress: Progress | None = None) -> CompileOutcome:
     """Run the whole pipeline; write the artifact only if it verifies."""
     say = progress or (lambda _msg: None)
-    options = CompileOptions(absorb=config.absorb)
     protect = _inputs(config)
     _check_outputs(config, protect)
     say(f"loading {config.source}")
@@ -114,27 +286,24 @@ def compile_source(config: CompileConfig, progress: Progress | None = None) -> C
         trust_pickle=config.trust_pickle,
         seed=config.seed,
     )
-    submodule = config.submodule
     say("tracing and analysing channels")
-    traced = trace_model(loaded.module, loaded.example, submodule)
-    analysis = analyse(traced.gm)
-    reference = run_model(traced.gm, traced.example)
-    zeroed = _zero_channels(traced, config)
-    drift = max_relative_error(reference, run_model(traced.gm, traced.example)) if zeroed else None
-    say("compiling")
-    result = compile_model(traced, options)
-    say(f"verifying on {config.verify} random input(s)")
-    max_error = verify_equal(traced.gm, result.gm, traced.example, config.verify, config.seed)
-    if options.absorb == "exact" and max_error > TOLERANCE:
-        raise VerificationError(
-            f"compiled model differs from the original by {max_error:.2e} (> {TOLERANCE:g}); "
-            "nothing was written — please report this model to the fxprune issue tracker"
-        )
+    analysed = open_module(loaded, submodule=config.submodule)
+    say(f"compiling and verifying on {config.verify} random input(s)")
+    compiled = compile_analysed(
+        analysed,
+        options=CompileOptions(absorb=config.absorb),
+        threshold=config.threshold,
+        sparsity=config.sparsity,
+        verify=config.verify,
+        seed=config.seed,
+    )
     say("counting FLOPs and parameters (fvcore)")
+    traced, result = analysed.traced, compiled.result
     before, after = count_model(traced.gm, traced.example), count_model(result.gm, traced.example)
     outcome = CompileOutcome(
-        loaded, traced, analysis, result, zeroed, drift, max_error, before, after
-    )
+        loaded, traced, analysed.analysis, result, compiled.zeroed, compiled.drift,
+        compiled.max_error, before, after,
+    )  # fmt: skip
     _write_outputs(outcome, config, protect, say)
     return outcome
 
@@ -146,8 +315,6 @@ def _inputs(config: CompileConfig) -> list[Path]:
 
 def _check_outputs(config: CompileConfig, protect: list[Path]) -> None:
     """Refuse bad output paths before any work is done."""
-    from fxprune.export import check_target
-
     emitted_weights = emitted_weights_path(config.emit_py) if config.emit_py else None
     outputs = (
         config.out,
@@ -166,59 +333,16 @@ def emitted_weights_path(py: Path) -> Path:
     return Path(py).with_suffix(".weights.pt")
 
 
-def _zero_channels(traced: Traced, config: CompileConfig) -> int:
-    from fxprune.sparsify import apply_sparsity, apply_threshold
-
-    if config.threshold is not None:
-        return apply_threshold(traced.gm, config.threshold)
-    if config.sparsity is not None:
-        return apply_sparsity(traced.gm, config.sparsity)
-    return 0
-
-
-def verify_equal(original, compiled, example: torch.Tensor, count: int, seed: int) -> float:
-    """Max relative output error over the example and `count - 1` random inputs."""
-    gen = torch.Generator().manual_seed(seed + 1)
-    inputs = [example] + [torch.randn(example.shape, generator=gen) for _ in range(count - 1)]
-    return (
-        max(
-            max_relative_error(run_model(original, x), run_model(compiled, x))
-            for x in inputs[:count]
-        )
-        if count
-        else 0.0
-    )
-
-
-def artifact_metadata(outcome: CompileOutcome, absorb: str) -> dict:
-    """The `fxprune.json` embedded in every artifact."""
-    layers = {
-        name: {
-            "before": layer.out_channels,
-            "after": outcome.after.layers[name].out_channels if name in outcome.after.layers else 0,
-        }
-        for name, layer in outcome.before.layers.items()
-    }
-    return {
-        "fxprune_version": fxprune.__version__,
-        "torch_version": torch.__version__,
-        "source": outcome.loaded.source,
-        "input_shape": list(outcome.traced.example.shape),
-        "channels": layers,
-        "params": {"before": outcome.before.params, "after": outcome.after.params},
-        "flops": {"before": outcome.before.flops, "after": outcome.after.flops},
-        "absorb": absorb,
-    }
-
-
 def _write_outputs(outcome: CompileOutcome, config: CompileConfig, protect, say: Progress) -> None:
-    from fxprune.emit import emit_python, flat_module
-    from fxprune.export import atomic_write, export_torchscript
+    from fxprune.export import emit_python, flat_module
+    from fxprune.files import atomic_write
 
     gm, example = outcome.result.gm, outcome.traced.example
     say(f"writing {config.out} (TorchScript, verified in a separate process)")
     exported = export_torchscript(
-        gm, example, config.out, metadata=artifact_metadata(outcome, config.absorb),
+        gm, example, config.out,
+        metadata=artifact_metadata(outcome.loaded.source, example, outcome.before, outcome.after,
+                                   absorb=config.absorb),
         force=config.force, protect=protect,
     )  # fmt: skip
     outcome.artifact_warnings += exported.warnings
@@ -248,3 +372,23 @@ def _json_default(value):
     if isinstance(value, (np.integer, np.floating)):
         return value.item()
     return str(value)
+
+
+__all__ = [
+    "Analysed",
+    "CompileConfig",
+    "CompileOutcome",
+    "Compiled",
+    "EXPORT_FORMATS",
+    "Progress",
+    "artifact_metadata",
+    "compile_analysed",
+    "compile_source",
+    "emitted_weights_path",
+    "export_model",
+    "export_source",
+    "loaded_module",
+    "open_module",
+    "open_source",
+    "zero_channels",
+]

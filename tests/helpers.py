@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxprune.channels import analyse
-from fxprune.compile import CompileOptions, compile_model, max_relative_error, run_model
-from fxprune.sparsify import randomize_batchnorm, zero_random, zero_test_pattern
+from fxprune.analysis import analyse
+from fxprune.compile import CompileOptions, compile_model
+from fxprune.testing import randomize_batchnorm, zero_random, zero_test_pattern
 from fxprune.trace import trace_model
+from fxprune.verify import relative_error, run_model
 
 
 def compile_checked(
@@ -37,7 +38,7 @@ def compile_checked(
         zero_random(traced.gm, fraction, seed)
     result = compile_model(traced, CompileOptions(absorb=absorb))
     inputs = [x, torch.randn(shape)] + ([torch.randn(other_shape)] if other_shape else [])
-    errors = [max_relative_error(run_model(traced.gm, i), run_model(result.gm, i)) for i in inputs]
+    errors = [relative_error(run_model(traced.gm, i), run_model(result.gm, i)) for i in inputs]
     return traced, result, errors
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprune import zoo
-from fxprune.channels import analyse
+from fxprune.analysis import analyse
 from fxprune.errors import TraceError
 from fxprune.trace import trace_model
 

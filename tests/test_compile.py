@@ -11,12 +11,12 @@ from test_channels import Concat, Flatten, Residual, SqueezeExcite, cbr
 from torch import nn
 
 from fxprune import zoo
-from fxprune.channels import analyse, get_analysis
-from fxprune.compile import compile_model, max_relative_error, run_model
-from fxprune.sparsify import zero_classes
+from fxprune.analysis import analyse, get_analysis
+from fxprune.compile import compile_model, zero_classes
 from fxprune.trace import trace_model
+from fxprune.verify import TOLERANCE, relative_error, run_model
 
-TOL = 1e-4
+TOL = TOLERANCE
 
 SMALL_MODELS = {
     "residual": (Residual, (2, 3, 16, 16)),
@@ -56,7 +56,7 @@ def test_nothing_to_prune_keeps_the_function():
     analyse(traced.gm)
     result = compile_model(traced)
     assert result.removed_classes == 0
-    assert max_relative_error(run_model(traced.gm, x), run_model(result.gm, x)) == 0.0
+    assert relative_error(run_model(traced.gm, x), run_model(result.gm, x)) == 0.0
 
 
 def test_whole_residual_branch_becomes_a_constant():
@@ -70,7 +70,7 @@ def test_whole_residual_branch_becomes_a_constant():
     result = compile_model(traced)
     assert not any(n.startswith("layer2.1.conv") for n, _ in result.gm.named_modules())
     assert any("constant" in note for note in result.notes)
-    assert max_relative_error(run_model(traced.gm, x), run_model(result.gm, x)) <= TOL
+    assert relative_error(run_model(traced.gm, x), run_model(result.gm, x)) <= TOL
 
 
 def test_whole_group_keeps_one_channel():
@@ -83,7 +83,7 @@ def test_whole_group_keeps_one_channel():
     result = compile_model(traced)
     assert result.gm.get_submodule("0.0").out_channels == 1
     assert any("kept 1 channel" in n for n in result.notes)
-    assert max_relative_error(run_model(traced.gm, x), run_model(result.gm, x)) <= TOL
+    assert relative_error(run_model(traced.gm, x), run_model(result.gm, x)) <= TOL
 
 
 def test_bias_absorption_has_border_error_exact_has_none():

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fxprune.data import CIFAR_MEAN, CIFAR_STD, SHAPE_CLASSES, DataBundle, load_data
 from fxprune.errors import DataError
+from fxprune.train.data import CIFAR_MEAN, CIFAR_STD, SHAPE_CLASSES, DataBundle, load_data
 
 
 def first_batch(loader: torch.utils.data.DataLoader) -> tuple[torch.Tensor, torch.Tensor]:

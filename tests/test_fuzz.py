@@ -1,4 +1,4 @@
-"""The random-architecture fuzzer (benchmarks/fuzz.py) against the correctness contract.
+"""The random-architecture fuzzer (fxprune.testing.fuzz) against the correctness contract.
 
 A few hundred random CNNs, each zeroed, compiled with exact absorption and
 compared to the zeroed reference with real forward passes; then the paper's
@@ -9,29 +9,15 @@ minimal reproducer per bug the fuzzer once found, kept as regressions
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
-from fxprune.channels import analyse
-from fxprune.compile import CompileOptions, compile_model, max_relative_error, run_model
+from fxprune.analysis import analyse
+from fxprune.compile import CompileOptions, compile_model
+from fxprune.testing import fuzz
 from fxprune.trace import trace_model
-
-
-def _load_fuzz():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz.py"
-    spec = importlib.util.spec_from_file_location("fxprune_benchmarks_fuzz", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_fuzz()
+from fxprune.verify import relative_error, run_model
 
 CHUNKS, CHUNK_SIZE = 6, 50  # ~300 graphs, about a minute on 2 cores
 MIN_SHRANK = 0.6
@@ -66,7 +52,7 @@ def test_random_model_is_deterministic():
     b, shape_b = fuzz.random_model(7)
     assert shape_a == shape_b and a.describe() == b.describe()
     x = torch.randn(shape_a)
-    assert max_relative_error(run_model(a, x), run_model(b, x)) == 0.0
+    assert relative_error(run_model(a, x), run_model(b, x)) == 0.0
 
 
 def test_cli_prints_summary(capsys):
@@ -144,7 +130,7 @@ def _max_error(model: nn.Module, shapes) -> float:
     analyse(traced.gm)
     compact = compile_model(traced).gm
     inputs = [torch.randn(s) for s in shapes]
-    return max(max_relative_error(run_model(traced.gm, y), run_model(compact, y)) for y in inputs)
+    return max(relative_error(run_model(traced.gm, y), run_model(compact, y)) for y in inputs)
 
 
 SHAPES = [(2, 4, 8, 8)]

@@ -9,12 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from fxprune.channels import analyse
+from fxprune.analysis import analyse, class_costs
 from fxprune.errors import UsageError
-from fxprune.ista import (
+from fxprune.load import load_source
+from fxprune.testing import randomize_batchnorm
+from fxprune.trace import trace_model
+from fxprune.train.ista import (
     IstaOptimizer,
     Monitor,
-    class_costs,
     layer_penalties,
     param_groups_for,
     penalty_targets,
@@ -23,9 +25,6 @@ from fxprune.ista import (
     suggest_rho,
     unscale,
 )
-from fxprune.load import load_source
-from fxprune.sparsify import randomize_batchnorm
-from fxprune.trace import trace_model
 
 torch.set_num_threads(2)
 

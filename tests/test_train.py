@@ -18,14 +18,15 @@ import torch.multiprocessing as mp
 import typer
 from typer.testing import CliRunner
 
-from fxprune.channels import analyse
-from fxprune.compile import compile_model, max_relative_error, run_model
-from fxprune.data import load_data
+from fxprune.analysis import analyse
+from fxprune.compile import compile_model
 from fxprune.errors import UsageError
-from fxprune.ista import penalty_targets
 from fxprune.load import load_source
 from fxprune.trace import trace_model
 from fxprune.train import TrainConfig, evaluate, snapshot_path, train
+from fxprune.train.data import load_data
+from fxprune.train.ista import penalty_targets
+from fxprune.verify import TOLERANCE, relative_error, run_model
 
 torch.set_num_threads(2)
 SOURCE = "zoo:resnet20"  # fully convolutional: trains on 16x16 images, fast
@@ -107,7 +108,7 @@ def assert_compiles_away(model, data) -> None:
     traced = trace_model(model, x[:1])
     compact = compile_model(traced)
     assert compact.removed_classes > 0
-    assert max_relative_error(run_model(model, x), run_model(compact.gm, x)) <= 1e-4
+    assert relative_error(run_model(model, x), run_model(compact.gm, x)) <= TOLERANCE
     assert evaluate(compact.gm, data.test)[1] == pytest.approx(evaluate(model, data.test)[1])
 
 
@@ -180,10 +181,10 @@ def app():
 
 
 def test_cli_train_evaluate_finetune(app, tmp_path, monkeypatch):
-    import fxprune.data
+    import fxprune.train.data
 
-    small = functools.partial(fxprune.data.load_data, test_size=32, image_size=16)
-    monkeypatch.setattr(fxprune.data, "load_data", small)  # keep the test set tiny
+    small = functools.partial(fxprune.train.data.load_data, test_size=32, image_size=16)
+    monkeypatch.setattr(fxprune.train.data, "load_data", small)  # keep the test set tiny
     runner = CliRunner()
     out = tmp_path / "cli.pt"
     args = [
@@ -251,4 +252,4 @@ def test_paper_benchmark_smoke_run(tmp_path):
     trained = note.split("ISTA-trained ")[1].split("%")[0]
     compiled = note.split("compiled ")[1].split("%")[0]
     assert trained == compiled, note
-    assert float(note.rsplit(" ", 1)[-1]) < 1e-4, note
+    assert float(note.rsplit(" ", 1)[-1]) < TOLERANCE, note

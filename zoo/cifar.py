@@ -166,3 +166,19 @@ def resnet56(num_classes: int = 10) -> nn.Module:
 def resnet110(num_classes: int = 10) -> nn.Module:
     """CIFAR ResNet-110 (He et al. 2016), option B projection shortcuts."""
     return CifarResNet(110, num_classes)
+
+
+__all__ = [
+    "BasicBlock",
+    "CIFAR_INPUT",
+    "CifarResNet",
+    "ConvNet",
+    "conv_bn_relu",
+    "convnet",
+    "init_weights",
+    "make_stage",
+    "resnet110",
+    "resnet20",
+    "resnet32",
+    "resnet56",
+]

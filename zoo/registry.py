@@ -109,3 +109,17 @@ def unknown_name_message(what: str, name: str, known: object) -> str:
 
 def _first_line(doc: str | None) -> str:
     return doc.strip().splitlines()[0].strip() if doc and doc.strip() else ""
+
+
+__all__ = [
+    "Factory",
+    "KINDS",
+    "ModelInfo",
+    "add_model",
+    "create_model",
+    "has_batchnorm",
+    "list_models",
+    "model_info",
+    "register_model",
+    "unknown_name_message",
+]

@@ -111,3 +111,16 @@ def _builder_summary(name: str) -> str:
     doc = tvm.get_model_builder(name).__doc__ or name
     line = doc.strip().split("\n\n")[0].replace("\n", " ")
     return " ".join(line.replace("`", "").split())
+
+
+__all__ = [
+    "DEFAULT_SHAPES",
+    "FAMILIES",
+    "KIND_KWARGS",
+    "KIND_SUBMODULE",
+    "MODEL_KWARGS",
+    "SHAPE_OVERRIDES",
+    "build_torchvision_model",
+    "register_torchvision_models",
+    "torchvision_builder",
+]

@@ -1,0 +1,22 @@
+"""Stage 5, compile: constant propagation and dead-channel elimination on an
+analysed graph, producing a compact GraphModule that computes the same function.
+
+`liveness` (which channels are constant or dead), `removal` (which classes go),
+`rewrite` (slice modules, fold constants), `literal_args` (fix literal sizes),
+`dce` (side-effect-aware dead code), `zeroing` (thresholds and sparsity that
+make channels zero before compiling), `compiler` (the pass itself).
+"""
+
+from fxprune.compile.compiler import ABSORB_MODES, CompileOptions, CompileResult, compile_model
+from fxprune.compile.zeroing import apply_sparsity, apply_threshold, prunable_classes, zero_classes
+
+__all__ = [
+    "ABSORB_MODES",
+    "CompileOptions",
+    "CompileResult",
+    "apply_sparsity",
+    "apply_threshold",
+    "compile_model",
+    "prunable_classes",
+    "zero_classes",
+]

@@ -1,0 +1,327 @@
+"""Which channels are constant, which are dead (DESIGN.md, "What is dead, what is constant").
+
+For every node that carries channel ids, `find_liveness` computes two boolean
+arrays over its (flattened) channel positions:
+
+- `const[p]`: the channel holds the same value at every spatial position and
+  for every input (forward pass over the rules: BN γ=0, all-zero conv rows,
+  and what pointwise ops make of constants);
+- `dead[p]`: nothing downstream reads it (backward pass: BN γ=0, zero weight
+  columns, dead outputs of channel-wise ops).
+
+Values of constant channels are not derived by hand: `probe_values` runs the
+graph once and reads each channel at the first spatial position.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxprune.analysis.vocabulary import concrete, reads_only_shape, tensor_shape
+from fxprune.trace import mutable_copy
+
+
+@dataclass
+class Liveness:
+    """Per-node channel facts, keyed by node (not stored in meta: they are
+    specific to one set of weights, while meta describes the structure)."""
+
+    const: dict[fx.Node, object]
+    dead: dict[fx.Node, object]
+    values: dict[fx.Node, object]
+
+
+def flat(ids) -> np.ndarray:
+    return ids.reshape(-1)
+
+
+def channel_nodes(gm: fx.GraphModule):
+    for node in gm.graph.nodes:
+        if node.meta.get("channels") is not None:
+            yield node
+
+
+class _Probe(fx.Interpreter):
+    """Runs the graph and keeps, per channel node, each channel's first value."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[fx.Node, object] = {}
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node):
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return mutable_copy(args), mutable_copy(kwargs)
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        ids = n.meta.get("channels")
+        if isinstance(ids, np.ndarray) and isinstance(result, torch.Tensor):
+            self.values[n] = _sample(result, ids)
+        elif isinstance(ids, list) and isinstance(result, (tuple, list)):
+            self.values[n] = [
+                _sample(r, i) if i is not None else None for r, i in zip(result, ids, strict=True)
+            ]
+        return result
+
+
+def _sample(t: torch.Tensor, ids: np.ndarray) -> np.ndarray:
+    # (N, *block, *rest) -> value of each channel at sample 0, first position
+    return t[0].detach().reshape(ids.size, -1)[:, 0].double().cpu().numpy()
+
+
+def probe_values(gm: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, object]:
+    """Each channel node's per-channel values from one forward pass on `example`."""
+    probe = _Probe(gm)
+    with torch.no_grad():
+        probe.run(example)
+    return probe.values
+
+
+_TAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def nonzero_taps(module: nn.Module) -> np.ndarray:
+    """(out, in/groups) bool: which input channel of its group each output row reads
+    (any nonzero kernel tap). Grouped convs stay grouped: no dense expansion, which
+    for regnet_y_128gf would take gigabytes per layer.
+
+    Cached per module until its weight is replaced or edited in place.
+    """
+    key = (id(module.weight), module.weight._version)
+    cached = _TAPS.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    w = module.weight.detach()
+    taps = (w.reshape(w.shape[0], w.shape[1], -1) != 0).any(-1).cpu().numpy()
+    _TAPS[module] = (key, taps)
+    return taps
+
+
+def per_row_inputs(module: nn.Module, per_input: np.ndarray) -> np.ndarray:
+    """Lay a per-input-channel array out as (out, in/groups): row o sees its group's inputs."""
+    groups, rows = getattr(module, "groups", 1), module.weight.shape[0]
+    return per_input.reshape(groups, -1)[np.repeat(np.arange(groups), rows // groups)]
+
+
+def inputs_read(module: nn.Module, live_rows: np.ndarray) -> np.ndarray:
+    """Per input channel: does some live output row read it (nonzero weight)?"""
+    taps = nonzero_taps(module) & live_rows[:, None]
+    groups = getattr(module, "groups", 1)
+    return taps.reshape(groups, -1, taps.shape[1]).any(axis=1).reshape(-1)
+
+
+def zero_padded(module: nn.Module) -> bool:
+    """True when a conv pads with zeros (so a constant input varies at borders)."""
+    if not isinstance(module, nn.modules.conv._ConvNd):
+        return False
+    padding = module.padding
+    if module.padding_mode != "zeros":
+        return False
+    if isinstance(padding, str):
+        return padding != "valid" and any(k > 1 for k in module.kernel_size)
+    return any(p != 0 for p in padding)
+
+
+def bn_gamma(module: nn.Module) -> np.ndarray | None:
+    w = getattr(module, "weight", None)
+    return None if w is None else w.detach().double().cpu().numpy()
+
+
+def aligned_operands(node: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """Inputs of a position-wise node whose channel block matches the output's,
+    and the other tensor inputs (broadcast operands)."""
+    ids = node.meta["channels"]
+    aligned, other = [], []
+    out_shape = tensor_shape(node)
+    for inp in node.all_input_nodes:
+        shape, in_ids = tensor_shape(inp), inp.meta.get("channels")
+        if shape is None:
+            continue
+        ok = isinstance(in_ids, np.ndarray) and in_ids.shape == ids.shape
+        (aligned if ok and len(shape) == len(out_shape or ()) else other).append(inp)
+    return aligned, other
+
+
+def _input_state(node: fx.Node, state: dict, default) -> dict[int, bool]:
+    """raw id -> state, over all channel inputs of a structural node."""
+    table: dict[int, bool] = {}
+    for inp in node.all_input_nodes:
+        ids, vals = inp.meta.get("channels"), state.get(inp)
+        if ids is None or vals is None:
+            continue
+        pairs = zip(ids, vals, strict=True) if isinstance(ids, list) else [(ids, vals)]
+        for i, v in pairs:
+            if i is not None:
+                for raw, flag in zip(flat(i).tolist(), v.tolist(), strict=True):
+                    table[raw] = table.get(raw, default) and flag if default else flag
+    return table
+
+
+def _structural_input(node: fx.Node) -> fx.Node | None:
+    return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+
+
+def find_liveness(gm: fx.GraphModule, example: torch.Tensor) -> Liveness:
+    """Constant and dead channel positions of every channel node of `gm`."""
+    modules = dict(gm.named_modules())
+    values = probe_values(gm, example)
+    const = _forward_const(gm, modules)
+    dead = _backward_dead(gm, modules)
+    return Liveness(const=const, dead=dead, values=values)
+
+
+def _forward_const(gm, modules) -> dict:
+    const: dict[fx.Node, object] = {}
+    for node in channel_nodes(gm):
+        ids, rule = node.meta["channels"], node.meta["channel_rule"]
+        if isinstance(ids, list):
+            table = _input_state(node, const, default=True)
+            const[node] = [
+                np.array([table.get(r, False) for r in flat(i)], bool) if i is not None else None
+                for i in ids
+            ]
+            continue
+        n = flat(ids).size
+        x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        x_const = const.get(x) if x is not None and isinstance(const.get(x), np.ndarray) else None
+        if rule in ("conv", "grouped"):
+            module = modules[node.target]
+            taps = nonzero_taps(module)
+            width = module.weight.shape[1] * getattr(module, "groups", 1)
+            in_c = x_const if x_const is not None else np.zeros(width, bool)
+            # constant when every row reads constant inputs only (and, with zero
+            # padding, reads nothing at all: the border would differ)
+            const[node] = ~(taps & ~per_row_inputs(module, in_c)).any(1)
+            if zero_padded(module):
+                const[node] &= ~taps.any(1)
+        elif rule == "depthwise":
+            m = modules[node.target]
+            zero_w = ~np.any(m.weight.detach().reshape(n, -1).cpu().numpy() != 0, axis=1)
+            const[node] = zero_w | (x_const & (not zero_padded(m)))
+        elif rule == "bn":
+            gamma = bn_gamma(modules[node.target])
+            const[node] = x_const | (gamma == 0) if gamma is not None else x_const.copy()
+        elif rule == "elementwise":
+            aligned, other = aligned_operands(node)
+            result = np.full(n, bool(aligned) and not other)
+            for inp in aligned:
+                result &= const[inp]
+            const[node] = result
+        elif rule == "structural":
+            table = _input_state(node, const, default=True)
+            const[node] = np.array([table.get(r, False) for r in flat(ids).tolist()])
+        else:  # spatial, frozen, source
+            const[node] = np.zeros(n, bool)
+    return const
+
+
+def _backward_dead(gm, modules) -> dict:
+    dead: dict[fx.Node, object] = {}
+    for node in channel_nodes(gm):
+        ids = node.meta["channels"]
+        dead[node] = (
+            [np.ones(flat(i).size, bool) if i is not None else None for i in ids]
+            if isinstance(ids, list)
+            else np.ones(flat(ids).size, bool)
+        )
+    for user in reversed(list(gm.graph.nodes)):
+        for inp in user.all_input_nodes:
+            if inp in dead:
+                _mark_reads(user, inp, dead, modules)
+    return dead
+
+
+def _mark_reads(user: fx.Node, inp: fx.Node, dead: dict, modules) -> None:
+    """Clear `dead` on the positions of `inp` that `user` reads."""
+    reads = _reads(user, inp, dead, modules)
+    if isinstance(dead[inp], list):
+        for d, r in zip(dead[inp], reads, strict=True):
+            if d is not None:
+                d &= ~r
+    else:
+        dead[inp] &= ~reads
+
+
+def _all(inp: fx.Node, dead: dict, value: bool):
+    d = dead[inp]
+    if isinstance(d, list):
+        return [np.full(x.size, value) if x is not None else None for x in d]
+    return np.full(d.size, value)
+
+
+def _reads(user: fx.Node, inp: fx.Node, dead: dict, modules):
+    """Boolean mask (or list of masks) of the positions of `inp` that `user` reads."""
+    if reads_only_shape(user):
+        return _all(inp, dead, False)
+    rule = user.meta.get("channel_rule")
+    if user not in dead or rule in (None, "frozen", "source"):
+        return _all(inp, dead, True)
+    live = ~dead[user] if isinstance(dead[user], np.ndarray) else None
+    if rule in ("conv", "grouped") and user.args[0] is inp:
+        module = modules[user.target]
+        rows = live if live is not None else np.ones(module.weight.shape[0], bool)
+        return inputs_read(module, rows)
+    if rule == "depthwise" and user.args[0] is inp:
+        m = modules[user.target]
+        return live & np.any(m.weight.detach().reshape(live.size, -1).cpu().numpy() != 0, axis=1)
+    if rule == "bn":
+        gamma = bn_gamma(modules[user.target])
+        return live & (gamma != 0) if gamma is not None else live
+    if rule in ("elementwise", "spatial") and live is not None:
+        aligned, _other = aligned_operands(user)
+        return live.copy() if inp in aligned else _all(inp, dead, bool(live.any()))
+    if rule == "structural":
+        return _structural_reads(user, inp, dead)
+    return _all(inp, dead, True)
+
+
+def _structural_reads(user: fx.Node, inp: fx.Node, dead: dict):
+    """A position of `inp` is read when some live output position has its raw id."""
+    out_ids, out_dead = user.meta["channels"], dead[user]
+    pairs = (
+        zip(out_ids, out_dead, strict=True) if isinstance(out_ids, list) else [(out_ids, out_dead)]
+    )
+    live = [flat(i)[~d] for i, d in pairs if i is not None]
+    live_ids = np.concatenate(live) if live else np.zeros(0, np.int64)
+    if (
+        user.op == "call_function"
+        and user.target.__name__ == "getitem"
+        and isinstance(inp.meta.get("channels"), list)
+    ):
+        index = concrete(user.args[1])
+        masks = _all(inp, dead, False)
+        masks[index] = ~out_dead.copy()
+        return masks
+    in_ids = inp.meta["channels"]
+    if isinstance(in_ids, list):
+        return [_member(flat(i), live_ids) if i is not None else None for i in in_ids]
+    return _member(flat(in_ids), live_ids)
+
+
+def _member(ids: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """`np.isin` for small non-negative ids, by a lookup table (linear time)."""
+    size = 1 + max(int(ids.max(initial=0)), int(members.max(initial=0)))
+    table = np.zeros(size, bool)
+    table[members] = True
+    return table[ids]
+
+
+__all__ = [
+    "Liveness",
+    "aligned_operands",
+    "bn_gamma",
+    "channel_nodes",
+    "find_liveness",
+    "flat",
+    "inputs_read",
+    "nonzero_taps",
+    "per_row_inputs",
+    "probe_values",
+    "zero_padded",
+]

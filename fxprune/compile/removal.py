@@ -1,0 +1,72 @@
+"""The removal decision: which channel classes go (constant or dead everywhere,
+not frozen), then kept balanced for grouped convs and never to zero width."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch.fx as fx
+from torch import nn
+
+from fxprune.analysis import ChannelAnalysis
+from fxprune.compile.liveness import Liveness, channel_nodes, flat
+
+
+def removable_classes(gm: fx.GraphModule, analysis: ChannelAnalysis, live: Liveness) -> np.ndarray:
+    """Boolean mask over classes: not frozen, and constant or dead wherever they appear."""
+    ok = np.ones(analysis.num_classes, bool)
+    ok[list(analysis.frozen)] = False
+    for node in channel_nodes(gm):
+        ids, const, dead = node.meta["channels"], live.const[node], live.dead[node]
+        pieces = (
+            zip(ids, const, dead, strict=True) if isinstance(ids, list) else [(ids, const, dead)]
+        )
+        for i, c, d in pieces:
+            if i is not None:
+                ok[analysis.class_of[flat(i)][~(c | d)]] = False
+    return ok
+
+
+def balance_and_keep(
+    gm: fx.GraphModule, analysis: ChannelAnalysis, removed: np.ndarray
+) -> list[str]:
+    """Shrink `removed` (in place) until grouped convs stay balanced and no
+    tensor loses all its channels. Returns notes on what was kept."""
+    notes: list[str] = []
+    modules = dict(gm.named_modules())
+    changed = True
+    while changed:
+        changed = False
+        for node in channel_nodes(gm):
+            ids = node.meta["channels"]
+            for i in ids if isinstance(ids, list) else [ids]:
+                if i is None:
+                    continue
+                classes = analysis.class_of[flat(i)]
+                if removed[classes].all():
+                    removed[classes[0]] = False
+                    notes.append(f"{node.name}: kept 1 channel (never a zero-width layer)")
+                    changed = True
+            if node.meta["channel_rule"] == "grouped":
+                changed |= _balance(node, modules[node.target], analysis, removed, notes)
+    return notes
+
+
+def _balance(node: fx.Node, conv: nn.Module, analysis, removed, notes) -> bool:
+    """Keep the same number of removed channels in every group of a grouped conv."""
+    changed = False
+    x = node.args[0]
+    for ids in (x.meta["channels"], node.meta["channels"]):
+        chunks = analysis.class_of[flat(ids)].reshape(conv.groups, -1)
+        gone = removed[chunks]
+        least = int(gone.sum(axis=1).min())
+        for row, mask in zip(chunks, gone, strict=True):
+            extra = np.nonzero(mask)[0][least:]
+            if len(extra):
+                removed[row[extra]] = False
+                changed = True
+        if changed:
+            notes.append(f"{node.target}: removed {least} channel(s) per group of {conv.groups}")
+    return changed
+
+
+__all__ = ["balance_and_keep", "removable_classes"]

@@ -1,0 +1,253 @@
+"""The graph surgery of the compiler pass: slice modules, fold constants, fix shapes.
+
+`Rewriter.apply()` works on a GraphModule whose nodes carry channel ids and
+a decided set of removed classes. Modules are replaced, never edited, so a
+module shared with the caller is untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxprune.analysis.vocabulary import BINARY_FUNCTIONS, BINARY_METHODS, tensor_shape
+from fxprune.compile.liveness import (
+    aligned_operands,
+    channel_nodes,
+    flat,
+    per_row_inputs,
+    zero_padded,
+)
+from fxprune.modules import BorderTerm
+
+
+def fresh_copy(module: nn.Module) -> nn.Module:
+    """A shallow copy whose parameter/buffer tables can be replaced without
+    touching `module` (no tensor data is copied)."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    return new
+
+
+def replace_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    """Swap the submodule at dotted `target` for `module`."""
+    parent_name, _, name = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, name, module)
+
+
+def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.to(like.dtype).contiguous(), requires_grad=like.requires_grad)
+
+
+def border_pad(conv: nn.Module) -> list[int]:
+    """The zero padding of `conv` as an F.pad list (last spatial dim first).
+
+    padding="same" puts the odd extra element on the right, as torch does.
+    """
+    if conv.padding == "valid":
+        sides = [(0, 0)] * len(conv.kernel_size)
+    elif conv.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        sides = [(t // 2, t - t // 2) for t in totals]
+    else:
+        sides = [(int(p), int(p)) for p in conv.padding]
+    return [p for side in reversed(sides) for p in side]
+
+
+class Rewriter:
+    """Applies one removal decision to a GraphModule."""
+
+    def __init__(self, gm, analysis, liveness, removed: np.ndarray, absorb: str) -> None:
+        self.gm, self.analysis, self.live, self.absorb = gm, analysis, liveness, absorb
+        self.modules = dict(gm.named_modules())
+        self.notes: list[str] = []
+        self.removed = removed
+        self.keep: dict[fx.Node, object] = {}
+        for node in channel_nodes(gm):
+            ids = node.meta["channels"]
+            if isinstance(ids, list):
+                self.keep[node] = [self._keep_of(i) if i is not None else None for i in ids]
+            else:
+                self.keep[node] = self._keep_of(ids)
+
+    def _keep_of(self, ids: np.ndarray) -> np.ndarray:
+        return ~self.removed[self.analysis.class_of[flat(ids)]]
+
+    def apply(self) -> None:
+        nodes = list(channel_nodes(self.gm))
+        for node in nodes:
+            self.prune_constant_operands(node)
+        for node in nodes:
+            rule = node.meta["channel_rule"]
+            if node.op == "call_module" and rule in ("conv", "grouped", "depthwise"):
+                self.rewrite_conv(node)
+            elif node.op == "call_module" and rule == "bn":
+                self.rewrite_bn(node)
+            elif node.op in ("call_function", "call_method"):
+                self.rewrite_args(node)
+
+    # -- layer pruning -----------------------------------------------------
+    def prune_constant_operands(self, node: fx.Node) -> None:
+        """x + branch with a branch constant on every channel -> x + constant."""
+        is_binary = (node.op == "call_function" and node.target in BINARY_FUNCTIONS) or (
+            node.op == "call_method" and node.target in BINARY_METHODS
+        )
+        if not is_binary or node.meta["channel_rule"] != "elementwise":
+            return
+        aligned, _ = aligned_operands(node)
+        out_shape = tensor_shape(node)
+        full = [a for a in aligned if tensor_shape(a) == out_shape and not self.live.const[a].all()]
+        constant = [a for a in aligned if self.live.const[a].all() and a.op != "get_attr"]
+        if not full or not constant or len(node.meta["channels"].shape) != 1:
+            return
+        branch = constant[-1]
+        keep = self.keep[node]
+        values = torch.tensor(self.live.values[branch][keep])
+        shape = (1, int(keep.sum())) + (1,) * (len(out_shape) - 2)
+        name = f"{branch.name}_constant"
+        self.gm.register_buffer(name, values.reshape(shape).to(_dtype_of(node)))
+        with self.gm.graph.inserting_before(node):
+            const_node = self.gm.graph.get_attr(name)
+        node.replace_input_with(branch, const_node)
+        self.notes.append(f"{node.name}: branch {branch.name} is constant, replaced by a constant")
+
+    # -- modules -----------------------------------------------------------
+    def rewrite_conv(self, node: fx.Node) -> None:
+        module, x = self.modules[node.target], node.args[0]
+        in_keep, out_keep = self.keep[x], self.keep[node]
+        if in_keep.all() and out_keep.all():
+            return
+        new = fresh_copy(module)
+        if node.meta["channel_rule"] == "depthwise":
+            self._slice_out(new, module, out_keep)
+            new.in_channels = new.groups = int(out_keep.sum())
+            return replace_module(self.gm, node.target, new)
+        delta = self._absorbed(node, module, x, in_keep)
+        self._slice_out(new, module, out_keep)
+        self._slice_in(new, module, in_keep, out_keep)
+        replace_module(self.gm, node.target, new)
+        if delta is not None:
+            self._absorb(node, new, delta[out_keep])
+
+    def _slice_out(self, new: nn.Module, old: nn.Module, keep: np.ndarray) -> None:
+        idx = torch.as_tensor(np.nonzero(keep)[0])
+        new.weight = _param(old.weight.detach()[idx], old.weight)
+        if old.bias is not None:
+            new.bias = _param(old.bias.detach()[idx], old.bias)
+        attr = "out_features" if isinstance(old, nn.Linear) else "out_channels"
+        setattr(new, attr, len(idx))
+
+    def _slice_in(self, new: nn.Module, old: nn.Module, in_keep: np.ndarray, out_keep) -> None:
+        groups = getattr(old, "groups", 1)
+        w = new.weight.detach()
+        chunks = in_keep.reshape(groups, -1)
+        rows_per = w.shape[0] // groups  # rows already sliced: balanced per group
+        parts = [
+            w[g * rows_per : (g + 1) * rows_per][:, torch.as_tensor(np.nonzero(chunks[g])[0])]
+            for g in range(groups)
+        ]
+        new.weight = _param(torch.cat(parts), old.weight)
+        attr = "in_features" if isinstance(old, nn.Linear) else "in_channels"
+        setattr(new, attr, int(in_keep.sum()))
+
+    def _absorbed(self, node, module, x, in_keep) -> torch.Tensor | None:
+        """(out, *kernel) contribution of the removed constant inputs, or None."""
+        take = ~in_keep & self.live.const[x]
+        if not take.any():
+            return None
+        values = np.where(take, self.live.values[x], 0.0)
+        weight = module.weight.detach().double()  # (out, in/groups, *kernel)
+        per_row = torch.from_numpy(per_row_inputs(module, values))  # (out, in/groups)
+        delta = torch.einsum("oi...,oi->o...", weight, per_row)
+        return delta if bool(delta.any()) else None
+
+    def _absorb(self, node: fx.Node, conv: nn.Module, delta: torch.Tensor) -> None:
+        uniform = isinstance(conv, nn.Linear) or not zero_padded(conv) or self.absorb == "bias"
+        if uniform:
+            bias = delta.reshape(delta.shape[0], -1).sum(dim=1)
+            if conv.bias is None and self._fold_into_bn(node, bias):
+                return
+            old = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bias)
+            conv.bias = _param(old.double() + bias, conv.weight)
+            return
+        kernel = delta.unsqueeze(1).to(conv.weight.dtype)  # (out, 1, *k)
+        border = BorderTerm(kernel, conv.stride, border_pad(conv), conv.dilation)
+        name = f"{node.target.replace('.', '_')}_border"
+        self.gm.add_submodule(name, border)
+        graph = self.gm.graph
+        with graph.inserting_after(node):
+            term = graph.call_module(name, (node.args[0],))
+        with graph.inserting_after(term):
+            total = graph.call_function(operator.add, (node, term))
+        node.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+        self._alias(total, node)
+        self.notes.append(f"{node.target}: exact border term for removed constant channels")
+
+    def _alias(self, new: fx.Node, old: fx.Node) -> None:
+        """`new` computes what `old` did (conv + border term): later rewrites of
+        its users must see the same channels, keep mask and constants."""
+        for key in ("channels", "tensor_meta"):
+            if key in old.meta:
+                new.meta[key] = old.meta[key]
+        new.meta["channel_rule"] = "elementwise"
+        self.keep[new] = self.keep[old]
+        for table in (self.live.const, self.live.dead, self.live.values):
+            if old in table:
+                table[new] = table[old]
+
+    def _fold_into_bn(self, node: fx.Node, bias: torch.Tensor) -> bool:
+        """The paper's variant: a conv without bias feeding one BN shifts its mean."""
+        users = list(node.users)
+        if len(users) != 1 or users[0].meta.get("channel_rule") != "bn":
+            return False
+        bn = self.modules[users[0].target]
+        if getattr(bn, "running_mean", None) is None:
+            return False
+        keep = self.keep[users[0]]
+        full = torch.zeros(len(keep), dtype=torch.float64)
+        full[torch.as_tensor(np.nonzero(keep)[0])] = bias
+        bn.running_mean = (bn.running_mean.double() - full).to(bn.running_mean.dtype)
+        return True
+
+    def rewrite_bn(self, node: fx.Node) -> None:
+        keep = self.keep[node]
+        if keep.all():
+            return
+        module = self.modules[node.target]
+        new = fresh_copy(module)
+        idx = torch.as_tensor(np.nonzero(keep)[0])
+        for name in ("weight", "bias"):
+            value = getattr(module, name, None)
+            if isinstance(value, nn.Parameter):
+                setattr(new, name, _param(value.detach()[idx], value))
+            elif isinstance(value, torch.Tensor):
+                setattr(new, name, value[idx].clone())
+        for name in ("running_mean", "running_var"):
+            value = getattr(module, name, None)
+            if value is not None:
+                setattr(new, name, value[idx].clone())
+        if hasattr(new, "num_features"):
+            new.num_features = len(idx)
+        replace_module(self.gm, node.target, new)
+
+    # -- literal shapes in calls ------------------------------------------
+    def rewrite_args(self, node: fx.Node) -> None:
+        from fxprune.compile.literal_args import fix_literal_channel_args
+
+        fix_literal_channel_args(node, self.keep)
+
+
+def _dtype_of(node: fx.Node) -> torch.dtype:
+    meta = node.meta.get("tensor_meta")
+    return getattr(meta, "dtype", torch.float32)
+
+
+__all__ = ["Rewriter", "border_pad", "fresh_copy", "replace_module"]

@@ -1,0 +1,318 @@
+"""Stage 1, load: a source string to `(module, example_input)`.
+
+Sources:
+  zoo:NAME               a model of fxprune's registry (`fxprune zoo list`)
+  torchvision:NAME       any torchvision model, built with weights=None
+  package.module:factory import the module and call the factory
+  FILE.pt                an fxprune checkpoint or a state_dict (weights_only);
+                         a whole pickled nn.Module only with trust_pickle=True
+`weights` loads a state_dict into the model (strict; mismatches are named).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import io
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import fxprune
+from fxprune.errors import CheckpointError, LoadError, UsageError, first_line
+
+CHECKPOINT_FORMAT = "fxprune-checkpoint"
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@dataclass
+class Loaded:
+    """A model ready to trace: `module` (eval mode), `example` input, and where
+    it came from. `submodule` is a hint for models fx cannot trace whole."""
+
+    module: nn.Module
+    example: torch.Tensor
+    source: str
+    input_shape: tuple[int, ...]
+    submodule: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
+    """Parse `N,C,H,W` (any rank ≥ 2, positive ints); UsageError otherwise."""
+    if text is None or text == "":
+        return None
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise UsageError(
+            f"--input-shape '{text}' is not a list of integers like 1,3,224,224"
+        ) from None
+    if len(shape) < 2 or any(d <= 0 for d in shape):
+        raise UsageError(f"--input-shape '{text}' needs at least 2 positive sizes, e.g. 1,3,32,32")
+    return shape
+
+
+def load_source(
+    source: str,
+    *,
+    weights: str | Path | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    trust_pickle: bool = False,
+    seed: int = 0,
+) -> Loaded:
+    """Turn `source` into a model and an example input (see module docstring).
+
+    Every failure is a LoadError/CheckpointError/UsageError with one line.
+    """
+    if source.startswith(("zoo:", "torchvision:")):
+        loaded = _load_registry(source)
+    elif _FACTORY.match(source) and not Path(source).exists():
+        loaded = _load_factory(source)
+    else:
+        loaded = _load_file(Path(source), trust_pickle=trust_pickle)
+    if weights is not None:
+        load_state_dict_file(loaded.module, Path(weights), trust_pickle=trust_pickle)
+    if input_shape is not None:
+        loaded.input_shape = tuple(input_shape)
+    loaded.module.eval()
+    generator = torch.Generator().manual_seed(seed)
+    loaded.example = torch.randn(loaded.input_shape, generator=generator)
+    return loaded
+
+
+def _load_registry(source: str) -> Loaded:
+    from fxprune import zoo
+
+    prefix, name = source.split(":", 1)
+    if prefix == "torchvision":
+        factory, _kind, shape, submodule = zoo.torchvision_builder(name)
+        module = factory()
+    else:
+        info = zoo.model_info(name)
+        module, shape, submodule = zoo.create_model(name), info.input_shape, info.submodule
+    return Loaded(module, torch.empty(0), source, tuple(shape), submodule)
+
+
+def _load_factory(source: str) -> Loaded:
+    module_name, factory_name = source.split(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name)
+    except (ImportError, AttributeError) as exc:
+        raise LoadError(f"cannot import {source}: {exc}") from None
+    try:
+        module = factory()
+    except Exception as exc:
+        raise LoadError(f"{source}() failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(module, nn.Module):
+        raise LoadError(f"{source}() returned {type(module).__name__}, not an nn.Module")
+    shape = getattr(module, "input_shape", None) or (1, 3, 224, 224)
+    return Loaded(module, torch.empty(0), source, tuple(shape))
+
+
+def _read_weights_only(path: Path):
+    """torch.load with weights_only=True, turning every failure into one line."""
+    if not path.exists():
+        raise LoadError(f"{path}: no such file (give a .pt file, zoo:NAME or torchvision:NAME)")
+    if path.is_dir():
+        raise LoadError(f"{path} is a directory, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise CheckpointError(
+                f"{path} holds pickled Python objects (e.g. a whole nn.Module), which can run "
+                "arbitrary code when loaded; save a state_dict or an fxprune checkpoint instead, "
+                "or pass --trust-pickle if you trust the file"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable checkpoint: {first_line(exc)}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path} is corrupt or truncated: {first_line(exc)}") from None
+
+
+def _load_file(path: Path, *, trust_pickle: bool) -> Loaded:
+    if trust_pickle and path.is_file():
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise CheckpointError(f"{path} could not be unpickled: {first_line(exc)}") from None
+    else:
+        obj = _read_weights_only(path)
+    if isinstance(obj, nn.Module):
+        shape = getattr(obj, "input_shape", None) or (1, 3, 224, 224)
+        return Loaded(obj, torch.empty(0), str(path), tuple(shape))
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        return _from_checkpoint(path, obj)
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise LoadError(
+            f"{path} is a bare state_dict: name the architecture (zoo:NAME, torchvision:NAME "
+            f"or pkg.mod:factory) and pass the file with --weights {path}"
+        )
+    raise CheckpointError(f"{path} is not an fxprune checkpoint, state_dict or model")
+
+
+def load_state_dict_file(module: nn.Module, path: Path, *, trust_pickle: bool = False) -> None:
+    """Load a state_dict file (or an fxprune checkpoint's) into `module`, strictly."""
+    obj = _read_weights_only(path)
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        obj = obj["state_dict"]
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} does not hold a state_dict")
+    apply_state_dict(module, obj, str(path))
+
+
+def apply_state_dict(module: nn.Module, state: dict, origin: str) -> None:
+    """Strict load that names the first missing, unexpected or wrong-shaped key."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing:
+        raise CheckpointError(f"{origin}: missing key '{missing[0]}' ({len(missing)} missing)")
+    if unexpected:
+        raise CheckpointError(
+            f"{origin}: unexpected key '{unexpected[0]}' ({len(unexpected)} unexpected)"
+        )
+    for key, value in own.items():
+        if not isinstance(state[key], torch.Tensor) or state[key].shape != value.shape:
+            got = tuple(getattr(state[key], "shape", ()))
+            raise CheckpointError(
+                f"{origin}: '{key}' has shape {got}, the model expects {tuple(value.shape)}"
+            )
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"{origin}: '{key}' contains NaN or Inf values")
+    module.load_state_dict(state, strict=True)
+
+
+# -- fxprune checkpoints ------------------------------------------------------
+def checkpoint_dict(
+    module: nn.Module,
+    *,
+    input_shape: tuple[int, ...],
+    source: str | None = None,
+    code: str | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """The checkpoint fxprune writes: architecture (a source string such as
+    `zoo:resnet20`, or standalone Python source for compiled models), the
+    state_dict, the input shape and the fxprune version."""
+    if (source is None) == (code is None):
+        raise ValueError("give exactly one of source= or code=")
+    architecture = (
+        {"kind": "source", "source": source} if source else {"kind": "python", "code": code}
+    )
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "fxprune_version": fxprune.__version__,
+        "architecture": architecture,
+        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "input_shape": list(input_shape),
+        "extra": extra or {},
+    }
+
+
+def save_checkpoint(path: Path, checkpoint: dict, *, force: bool = False, protect=()) -> Path:
+    """Write a checkpoint atomically (temp file in the target directory, then rename)."""
+    from fxprune.files import atomic_write
+
+    def writer(tmp: Path) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        tmp.write_bytes(buffer.getvalue())
+
+    return atomic_write(Path(path), writer, force=force, protect=protect)
+
+
+def _from_checkpoint(path: Path, ckpt: dict) -> Loaded:
+    arch = ckpt.get("architecture") or {}
+    shape = tuple(ckpt.get("input_shape") or (1, 3, 224, 224))
+    if arch.get("kind") == "source":
+        module = load_source(str(arch["source"]), input_shape=shape).module
+    elif arch.get("kind") == "python":
+        module = module_from_code(str(arch.get("code", "")), origin=str(path))
+    else:
+        raise CheckpointError(f"{path}: checkpoint has no architecture")
+    apply_state_dict(module, ckpt.get("state_dict") or {}, str(path))
+    return Loaded(module, torch.empty(0), str(path), shape, meta=dict(ckpt.get("extra") or {}))
+
+
+_ALLOWED_IMPORTS = ("torch", "torchvision", "operator", "math", "builtins", "__future__")
+_FORBIDDEN_NAMES = {"eval", "exec", "compile", "open", "__import__", "globals", "locals", "vars",
+                    "setattr", "delattr", "breakpoint"}  # fmt: skip
+_FORBIDDEN_ATTRS = {"load", "save", "hub", "jit", "package", "system", "popen", "utils",
+                    "from_file", "library", "classes", "_C"}  # fmt: skip
+
+
+def _import_allowed(name: str | None) -> bool:
+    return bool(name) and name.split(".")[0] in _ALLOWED_IMPORTS
+
+
+def check_generated_code(code: str, origin: str) -> None:
+    """Refuse architecture source that is not plain model code.
+
+    Checkpoint code is what `fxprune compile --emit-py` writes: imports of
+    torch/operator/math, one class with __init__ and forward. Anything else
+    (other imports, dunder attributes, exec/eval/open) is rejected.
+    """
+    try:
+        tree = ast.parse(code)
+    except SyntaxError as exc:
+        raise CheckpointError(f"{origin}: architecture source does not parse: {exc.msg}") from None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            bad = [a.name for a in node.names if not _import_allowed(a.name)]
+        elif isinstance(node, ast.ImportFrom):
+            bad = [] if _import_allowed(node.module) else [str(node.module)]
+            bad += [a.name for a in node.names if a.name in _FORBIDDEN_ATTRS]
+        elif isinstance(node, ast.Attribute):
+            dunder = node.attr.startswith("__") and node.attr != "__init__"
+            bad = [node.attr] if dunder or node.attr in _FORBIDDEN_ATTRS else []
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", "") == "getattr":
+            name = node.args[1] if len(node.args) > 1 else None
+            plain = isinstance(name, ast.Constant) and isinstance(name.value, str)
+            bad = [] if plain and not name.value.startswith("_") else ["getattr"]
+        elif isinstance(node, ast.Name) and node.id in _FORBIDDEN_NAMES:
+            bad = [node.id]
+        else:
+            bad = []
+        if bad:
+            raise CheckpointError(f"{origin}: architecture source uses '{bad[0]}', refused")
+
+
+def module_from_code(code: str, origin: str) -> nn.Module:
+    """Build the model defined by checkpoint architecture source (checked first)."""
+    check_generated_code(code, origin)
+    namespace: dict = {"__name__": "fxprune_checkpoint"}
+    exec(compile(code, f"<{origin}>", "exec"), namespace)  # checked by check_generated_code
+    from fxprune.modules import BorderTerm
+
+    if "BorderTerm" in namespace:  # the library's class: TorchScript can read its source
+        namespace["BorderTerm"] = BorderTerm
+    build = namespace.get("build_model")
+    if not callable(build):
+        raise CheckpointError(f"{origin}: architecture source defines no build_model()")
+    return build()
+
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "Loaded",
+    "apply_state_dict",
+    "check_generated_code",
+    "checkpoint_dict",
+    "load_source",
+    "load_state_dict_file",
+    "module_from_code",
+    "parse_input_shape",
+    "save_checkpoint",
+]

@@ -1,0 +1,165 @@
+"""Shape propagation: run a traced graph on the example input (on the meta
+device when possible) and record `node.meta["tensor_meta"]` for tensors and
+`node.meta["value"]` for plain Python values (sizes, ints, tuples)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from fxprune.errors import TraceError, first_line
+
+# Modules whose output has exactly their input's shape, dtype and layout: on the
+# meta device their shapes need no kernel (the meta batch norm alone is slow).
+SAME_SHAPE = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Identity,
+    nn.Dropout,
+    nn.GELU,
+    nn.LeakyReLU,
+)
+# The input ranks each BatchNorm accepts; anything else goes to the module, which raises.
+BN_RANKS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+
+
+def _keeps_shape(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """True when `module(*args, **kwargs)` surely returns a tensor of its input's
+    shape: a SAME_SHAPE type on one tensor that the module itself would accept."""
+    if type(module) not in SAME_SHAPE or len(args) != 1 or kwargs:
+        return False
+    (x,) = args
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        return False
+    ranks = BN_RANKS.get(type(module))
+    return ranks is None or (x.dim() in ranks and x.shape[1] == module.num_features)
+
+
+class _ValueShapeProp(fx.Interpreter):
+    """ShapeProp that also records non-tensor results (sizes, ints) in meta["value"].
+
+    With `on_meta`, modules and attributes come from a copy of the model on the
+    meta device, so shapes are found without computing anything.
+    """
+
+    def __init__(self, gm: fx.GraphModule, on_meta: bool) -> None:
+        super().__init__(gm)
+        self.meta_root = _meta_copy(gm) if on_meta else None
+
+    def propagate(self, *args):
+        return self.run(*args)
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node):
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return mutable_copy(args), mutable_copy(kwargs)
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        found = False
+
+        def tensor_meta(obj):
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, tensor_meta)
+        if found:
+            n.meta["tensor_meta"] = meta
+        elif _is_plain_value(result):
+            n.meta["value"] = result
+        return result
+
+    def call_module(self, target, args, kwargs):
+        if self.meta_root is None:
+            return super().call_module(target, args, kwargs)
+        module = self.meta_root.get_submodule(target)
+        if _keeps_shape(module, args, kwargs):
+            return torch.empty_like(args[0])  # shape, dtype and layout are the input's
+        return module(*args, **kwargs)
+
+    def get_attr(self, target, args, kwargs):
+        value = self.fetch_attr_from(self.module, target)
+        if self.meta_root is not None and isinstance(value, torch.Tensor):
+            return value.detach().to("meta")
+        return value
+
+    @staticmethod
+    def fetch_attr_from(root: nn.Module, target: str):
+        obj = root
+        for atom in target.split("."):
+            obj = getattr(obj, atom)
+        return obj
+
+
+def mutable_copy(value):
+    """fx hands calls immutable lists and dicts; generated code passes plain ones
+    (some callees, e.g. torchvision's 3-D Swin, mutate their arguments)."""
+    if isinstance(value, tuple):
+        return tuple(mutable_copy(v) for v in value)
+    if isinstance(value, list):
+        return [mutable_copy(v) for v in value]
+    if isinstance(value, dict):
+        return {k: mutable_copy(v) for k, v in value.items()}
+    return value
+
+
+def _meta_copy(gm: fx.GraphModule) -> nn.Module:
+    """A deep copy of the submodules of `gm` (not its graph or code) whose
+    parameters and buffers live on the meta device."""
+    memo: dict[int, object] = {}
+    for p in gm.parameters():
+        memo[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+    for b in gm.buffers():
+        memo[id(b)] = b.detach().to("meta")
+    root = nn.Module()
+    for name, child in gm.named_children():
+        setattr(root, name, copy.deepcopy(child, memo))
+    return root
+
+
+def _is_plain_value(value) -> bool:
+    if isinstance(value, (int, float, bool, str, slice, type(None), torch.Size, torch.dtype)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_is_plain_value(v) for v in value)
+    return False
+
+
+def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Annotate every node of `gm` with the shapes of a run on `example`.
+
+    Runs on the meta device (no arithmetic) and falls back to a real forward
+    pass (eval mode, no grad) for ops that have no meta kernel.
+    """
+    gm.eval()
+    try:
+        with torch.no_grad():
+            _ValueShapeProp(gm, on_meta=True).propagate(example.to("meta"))
+        return
+    except Exception:  # some ops have no meta kernel: compute for real
+        pass
+    try:
+        with torch.no_grad():
+            _ValueShapeProp(gm, on_meta=False).propagate(example)
+    except Exception as exc:
+        raise TraceError(
+            f"the model does not run on an input of shape {tuple(example.shape)}: "
+            f"{first_line(exc)}; pass the right size with --input-shape N,C,H,W"
+        ) from exc
+
+
+__all__ = ["SAME_SHAPE", "mutable_copy", "propagate_shapes"]
