@@ -164,6 +164,9 @@ def compile_cmd(
     verify: Annotated[
         int, typer.Option(help="Check the compact model on N random inputs before writing")
     ] = 3,
+    fuse: Annotated[
+        bool, typer.Option("--fuse/--no-fuse", help="Fold BatchNorms into convs in the artifact")
+    ] = True,
     trust_pickle: TrustPickle = False,
     force: Force = False,
 ) -> None:
@@ -175,7 +178,7 @@ def compile_cmd(
         source=source, out=out, weights=weights, input_shape=parse_input_shape(input_shape),
         submodule=submodule, threshold=threshold, sparsity=sparsity, absorb=absorb,
         emit_py=emit_py, save_checkpoint=save_checkpoint, report_json=report,
-        trust_pickle=trust_pickle, force=force, verify=verify,
+        trust_pickle=trust_pickle, force=force, verify=verify, fuse=fuse,
     )  # fmt: skip
     outcome = compile_source(config, progress=lambda msg: err(f"[fxprune] {msg}"))
     result = outcome.result
@@ -192,6 +195,8 @@ def compile_cmd(
         label += " (paper's bias fold: inexact at padded borders)"
     typer.echo(f"removed {result.removed_classes} of {result.total_classes} channels; "
                f"{label}: {outcome.max_error:.2e}")  # fmt: skip
+    if outcome.fused_batchnorms:
+        typer.echo(f"folded {outcome.fused_batchnorms} BatchNorms into convs in the artifact")
     for note in outcome.artifact_warnings:
         err(f"warning: {note}")
     for path in outcome.written:

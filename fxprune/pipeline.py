@@ -30,13 +30,20 @@ from fxprune.compile import (
     apply_threshold,
     compile_model,
 )
+from fxprune.compile.fusions import fuse_for_deployment
 from fxprune.errors import UsageError, VerificationError
-from fxprune.export import ExportResult, export_onnx, export_pt2, export_torchscript
+from fxprune.export import (
+    ExportResult,
+    IsolatedVerifier,
+    export_onnx,
+    export_pt2,
+    export_torchscript,
+)
 from fxprune.files import check_target
 from fxprune.load import Loaded, checkpoint_dict, load_source, save_checkpoint
 from fxprune.report import ModelCounts, count_model, layer_table
 from fxprune.trace import Traced, trace_model
-from fxprune.verify import TOLERANCE, relative_error, run_model, verify_equal
+from fxprune.verify import TOLERANCE, check_tolerance, relative_error, run_model, verify_equal
 
 EXPORT_FORMATS = ("torchscript", "pt2", "onnx")
 Progress = Callable[[str], None]
@@ -225,6 +232,7 @@ class CompileConfig:
     force: bool = False
     verify: int = 3
     seed: int = 0
+    fuse: bool = True  # fold BatchNorms into convs in the artifact (verified)
 
     def __post_init__(self) -> None:
         if self.threshold is not None and self.sparsity is not None:
@@ -251,6 +259,7 @@ class CompileOutcome:
     before: ModelCounts
     after: ModelCounts
     artifact_warnings: list[str] = field(default_factory=list)
+    fused_batchnorms: int = 0
     written: list[Path] = field(default_factory=list)
 
     def table(self, fmt: str = "text") -> str:
@@ -266,6 +275,7 @@ class CompileOutcome:
             "zeroed_by_threshold_or_sparsity": self.zeroed,
             "output_drift_from_zeroing": self.drift,
             "max_relative_error": self.max_error,
+            "fused_batchnorms": self.fused_batchnorms,
             "params": {"before": self.before.params, "after": self.after.params},
             "flops": {"before": self.before.flops, "after": self.after.flops},
             "notes": self.result.notes,
@@ -278,6 +288,14 @@ def compile_source(config: CompileConfig, progress: Progress | None = None) -> C
     say = progress or (lambda _msg: None)
     protect = _inputs(config)
     _check_outputs(config, protect)
+    # the artifact's fresh-process check imports torch while we compile
+    with IsolatedVerifier() as verifier:
+        return _compile_and_write(config, protect, verifier, say)
+
+
+def _compile_and_write(
+    config: CompileConfig, protect: list[Path], verifier: IsolatedVerifier, say: Progress
+) -> CompileOutcome:
     say(f"loading {config.source}")
     loaded = load_source(
         config.source,
@@ -304,7 +322,7 @@ def compile_source(config: CompileConfig, progress: Progress | None = None) -> C
         loaded, traced, analysed.analysis, result, compiled.zeroed, compiled.drift,
         compiled.max_error, before, after,
     )  # fmt: skip
-    _write_outputs(outcome, config, protect, say)
+    _write_outputs(outcome, config, protect, say, verifier)
     return outcome
 
 
@@ -333,17 +351,30 @@ def emitted_weights_path(py: Path) -> Path:
     return Path(py).with_suffix(".weights.pt")
 
 
-def _write_outputs(outcome: CompileOutcome, config: CompileConfig, protect, say: Progress) -> None:
+def deployment_model(gm: nn.Module, example: torch.Tensor, outcome: CompileOutcome) -> nn.Module:
+    """The compact model with BatchNorms folded into convs (`compile.fusions`),
+    verified against the unfused compact model; notes land in the outcome."""
+    fused, notes = fuse_for_deployment(gm)
+    check_tolerance(verify_equal(gm, fused, example), "the BN-folded model")
+    outcome.result.notes += notes
+    outcome.fused_batchnorms = len(notes)
+    return fused
+
+
+def _write_outputs(
+    outcome: CompileOutcome, config: CompileConfig, protect, say: Progress, verifier=None
+) -> None:
     from fxprune.export import emit_python, flat_module
     from fxprune.files import atomic_write
 
     gm, example = outcome.result.gm, outcome.traced.example
+    deploy = deployment_model(gm, example, outcome) if config.fuse else gm
     say(f"writing {config.out} (TorchScript, verified in a separate process)")
     exported = export_torchscript(
-        gm, example, config.out,
+        deploy, example, config.out,
         metadata=artifact_metadata(outcome.loaded.source, example, outcome.before, outcome.after,
-                                   absorb=config.absorb),
-        force=config.force, protect=protect,
+                                   absorb=config.absorb, fused=config.fuse),
+        force=config.force, protect=protect, verifier=verifier,
     )  # fmt: skip
     outcome.artifact_warnings += exported.warnings
     outcome.written.append(exported.path)

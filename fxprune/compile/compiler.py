@@ -75,6 +75,7 @@ def compile_model(traced: Traced, options: CompileOptions | None = None) -> Comp
     gm.graph.lint()
     eliminate_dead_code(gm)
     gm.delete_all_unused_submodules()
+    drop_type_annotations(gm)
     gm.recompile()
     for node in gm.graph.nodes:  # structure changed: the old analysis is stale
         node.meta.pop("channels", None)
@@ -83,4 +84,19 @@ def compile_model(traced: Traced, options: CompileOptions | None = None) -> Comp
     return CompileResult(gm, int(removed.sum()), analysis.num_classes, notes)
 
 
-__all__ = ["ABSORB_MODES", "CompileOptions", "CompileResult", "compile_model"]
+def drop_type_annotations(gm: fx.GraphModule) -> None:
+    """Forget the user's type annotations on graph nodes: fx prints them with
+    mangled names (`x : _Tensor_`) that TorchScript cannot resolve, which made
+    every `torch.jit.script` of a compiled model fail. They carry no meaning
+    for the compact model."""
+    for node in gm.graph.nodes:
+        node.type = None
+
+
+__all__ = [
+    "ABSORB_MODES",
+    "CompileOptions",
+    "CompileResult",
+    "compile_model",
+    "drop_type_annotations",
+]

@@ -3,7 +3,12 @@ Python), each written atomically and verified against the module it came from;
 TorchScript artifacts are run in a fresh process that cannot import fxprune."""
 
 from fxprune.export.formats import export_onnx, export_pt2
-from fxprune.export.isolated import IsolatedRun, run_artifact_isolated, verify_artifact
+from fxprune.export.isolated import (
+    IsolatedRun,
+    IsolatedVerifier,
+    run_artifact_isolated,
+    verify_artifact,
+)
 from fxprune.export.metadata import METADATA_NAME, ExportResult, read_metadata
 from fxprune.export.python import emit_python, flat_module
 from fxprune.export.torchscript import export_torchscript
@@ -12,6 +17,7 @@ __all__ = [
     "METADATA_NAME",
     "ExportResult",
     "IsolatedRun",
+    "IsolatedVerifier",
     "emit_python",
     "export_onnx",
     "export_pt2",

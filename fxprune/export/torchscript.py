@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fxprune.errors import ExportError, describe
-from fxprune.export.isolated import verify_artifact
+from fxprune.export.isolated import IsolatedVerifier, verify_artifact
 from fxprune.export.metadata import METADATA_NAME, ExportResult, metadata_json, quiet_torch
 from fxprune.files import PathLike, atomic_write, check_target
 from fxprune.verify import TOLERANCE, eval_mode, run_model
@@ -32,13 +32,15 @@ def export_torchscript(
     protect: Sequence[PathLike] = (),
     verify: bool = True,
     rtol: float = TOLERANCE,
+    verifier: IsolatedVerifier | None = None,
 ) -> ExportResult:
     """Write ``module`` as a TorchScript file with ``metadata`` embedded as ``fxprune.json``.
 
     Tries ``torch.jit.script``; if that fails, falls back to ``torch.jit.trace`` on
     ``example`` and says why in ``warnings``. With ``verify`` the temp file is run in a
     fresh Python process without fxprune before it replaces ``path``; a failed check
-    raises VerificationError/ExportError and leaves ``path`` untouched.
+    raises VerificationError/ExportError and leaves ``path`` untouched. `verifier`
+    is a verification process started earlier (see `IsolatedVerifier`).
     """
     check_target(path, force=force, protect=protect)
     meta_json = metadata_json(metadata)
@@ -54,7 +56,7 @@ def export_torchscript(
             torch.jit.save(compiled, str(tmp), _extra_files={METADATA_NAME: meta_json})
         if verify:
             result.max_rel_error = verify_artifact(
-                tmp, example, expected, rtol=rtol, metadata=metadata
+                tmp, example, expected, rtol=rtol, metadata=metadata, verifier=verifier
             )
 
     result.path = atomic_write(path, write, force=force, protect=protect)

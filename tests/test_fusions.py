@@ -1,0 +1,64 @@
+"""Deployment fusions: BatchNorms folded into convs (also through an exact border
+term) compute the same function as the compact model, and compact models script."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fxprune.compile.fusions import fuse_for_deployment
+from fxprune.export import export_torchscript
+from fxprune.modules import BorderTerm
+from fxprune.pipeline import compile_analysed, open_source
+from fxprune.testing import randomize_batchnorm, zero_random
+from fxprune.verify import TOLERANCE, verify_equal
+
+
+def _batchnorms(gm) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gm.modules())
+
+
+@pytest.mark.parametrize(
+    ("source", "shape"),
+    [("zoo:resnet20", None), ("zoo:convnet", None), ("torchvision:mobilenet_v2", (1, 3, 64, 64))],
+)
+def test_folded_model_matches_the_compact_model(source, shape):
+    analysed = open_source(source, input_shape=shape)
+    randomize_batchnorm(analysed.traced.gm)
+    zero_random(analysed.traced.gm, 0.5)
+    compact = compile_analysed(analysed).result.gm
+    fused, notes = fuse_for_deployment(compact)
+    assert _batchnorms(compact) > 0 and _batchnorms(fused) == 0, notes
+    x = analysed.traced.example
+    assert verify_equal(compact, fused, x) <= TOLERANCE
+    assert verify_equal(analysed.traced.gm, fused, x) <= TOLERANCE
+    assert _batchnorms(compact) > 0  # the input is not mutated
+
+
+def test_border_terms_are_scaled_by_the_folded_batchnorm():
+    analysed = open_source("zoo:resnet20")
+    randomize_batchnorm(analysed.traced.gm)
+    zero_random(analysed.traced.gm, 0.5)
+    compact = compile_analysed(analysed).result.gm
+    borders = [m for m in compact.modules() if isinstance(m, BorderTerm)]
+    assert borders, "the test pattern must produce exact border terms"
+    fused, _ = fuse_for_deployment(compact)
+    x = torch.randn(2, 3, 40, 24)  # another resolution: border maps differ
+    assert verify_equal(compact, fused, x) <= TOLERANCE
+
+
+def test_preactivation_batchnorm_is_left_alone():
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 3))
+    gm = torch.fx.symbolic_trace(model).eval()
+    fused, notes = fuse_for_deployment(gm)
+    assert notes == [] and _batchnorms(fused) == 1
+
+
+def test_compiled_models_script_instead_of_tracing(tmp_path):
+    analysed = open_source("zoo:convnet")
+    zero_random(analysed.traced.gm, 0.3)
+    compact = compile_analysed(analysed).result.gm
+    result = export_torchscript(compact, analysed.traced.example, tmp_path / "c.ts", metadata={})
+    assert result.method == "script", result.warnings
+    assert result.max_rel_error <= TOLERANCE
