@@ -167,6 +167,12 @@ def compile_cmd(
     fuse: Annotated[
         bool, typer.Option("--fuse/--no-fuse", help="Fold BatchNorms into convs in the artifact")
     ] = True,
+    round_to: Annotated[
+        int, typer.Option("--round-to", help="Keep every layer's width a multiple of N")
+    ] = 1,
+    min_width: Annotated[
+        int, typer.Option("--min-width", help="Keep at least N channels in every layer")
+    ] = 1,
     trust_pickle: TrustPickle = False,
     force: Force = False,
 ) -> None:
@@ -178,7 +184,8 @@ def compile_cmd(
         source=source, out=out, weights=weights, input_shape=parse_input_shape(input_shape),
         submodule=submodule, threshold=threshold, sparsity=sparsity, absorb=absorb,
         emit_py=emit_py, save_checkpoint=save_checkpoint, report_json=report,
-        trust_pickle=trust_pickle, force=force, verify=verify, fuse=fuse,
+        trust_pickle=trust_pickle, force=force, verify=verify, fuse=fuse, round_to=round_to,
+        min_width=min_width,
     )  # fmt: skip
     outcome = compile_source(config, progress=lambda msg: err(f"[fxprune] {msg}"))
     result = outcome.result

@@ -71,12 +71,15 @@ def open_source(
     loaded = load_source(
         source, weights=weights, input_shape=input_shape, trust_pickle=trust_pickle, seed=seed
     )
-    return open_module(loaded, submodule=submodule)
+    return open_module(loaded, submodule=submodule, owned=True)
 
 
-def open_module(loaded: Loaded, *, submodule: str | None = None) -> Analysed:
-    """trace → analyse an already loaded model (e.g. one just trained in memory)."""
-    traced = trace_model(loaded.module, loaded.example, submodule)
+def open_module(loaded: Loaded, *, submodule: str | None = None, owned: bool = False) -> Analysed:
+    """trace → analyse an already loaded model (e.g. one just trained in memory).
+
+    With `owned` the traced graph shares the model's layers instead of copying
+    them (for a model nobody else holds): zeroing channels then edits them."""
+    traced = trace_model(loaded.module, loaded.example, submodule, copy_module=not owned)
     return Analysed(loaded, traced, analyse(traced.gm))
 
 
@@ -233,6 +236,8 @@ class CompileConfig:
     verify: int = 3
     seed: int = 0
     fuse: bool = True  # fold BatchNorms into convs in the artifact (verified)
+    round_to: int = 1  # keep widths a multiple of this (keeps cheapest constant channels)
+    min_width: int = 1  # keep at least this many channels per layer
 
     def __post_init__(self) -> None:
         if self.threshold is not None and self.sparsity is not None:
@@ -305,11 +310,13 @@ def _compile_and_write(
         seed=config.seed,
     )
     say("tracing and analysing channels")
-    analysed = open_module(loaded, submodule=config.submodule)
+    analysed = open_module(loaded, submodule=config.submodule, owned=True)
     say(f"compiling and verifying on {config.verify} random input(s)")
     compiled = compile_analysed(
         analysed,
-        options=CompileOptions(absorb=config.absorb),
+        options=CompileOptions(
+            absorb=config.absorb, round_to=config.round_to, min_width=config.min_width
+        ),
         threshold=config.threshold,
         sparsity=config.sparsity,
         verify=config.verify,

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from fxprune.compile import CompileOptions
 from fxprune.compile.fusions import fuse_for_deployment
 from fxprune.export import export_torchscript
 from fxprune.modules import BorderTerm
@@ -62,3 +63,20 @@ def test_compiled_models_script_instead_of_tracing(tmp_path):
     result = export_torchscript(compact, analysed.traced.example, tmp_path / "c.ts", metadata={})
     assert result.method == "script", result.warnings
     assert result.max_rel_error <= TOLERANCE
+
+
+@pytest.mark.parametrize("round_to", [8, 16])
+def test_round_to_keeps_widths_multiples_and_stays_exact(round_to):
+    analysed = open_source("torchvision:mobilenet_v2", input_shape=(1, 3, 64, 64))
+    randomize_batchnorm(analysed.traced.gm)
+    zero_random(analysed.traced.gm, 0.5, seed=1)
+    plain = compile_analysed(analysed).result
+    options = CompileOptions(round_to=round_to, min_width=round_to)
+    rounded = compile_analysed(analysed, options=options).result
+    widths = [m.out_channels for m in rounded.gm.modules() if isinstance(m, nn.Conv2d)]
+    full = [m.out_channels for m in analysed.traced.gm.modules() if isinstance(m, nn.Conv2d)]
+    assert rounded.removed_classes < plain.removed_classes
+    for width, before in zip(widths, full, strict=True):
+        assert width % round_to == 0 or width == before, (width, before)
+    x = analysed.traced.example
+    assert verify_equal(analysed.traced.gm, rounded.gm, x) <= TOLERANCE

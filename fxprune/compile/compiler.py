@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from fxprune.analysis import analyse
+from fxprune.analysis import ANALYSIS_KEY, analyse
 from fxprune.compile.dce import eliminate_dead_code
 from fxprune.compile.liveness import find_liveness
-from fxprune.compile.removal import balance_and_keep, removable_classes
+from fxprune.compile.removal import balance_and_keep, removable_classes, widen
 from fxprune.compile.rewrite import Rewriter
 from fxprune.errors import UsageError
 from fxprune.trace import Traced, propagate_shapes
@@ -33,8 +33,12 @@ class CompileOptions:
     borders); `"exact"` adds the border term."""
 
     absorb: str = "exact"
+    round_to: int = 1  # keep every producer's width a multiple of this
+    min_width: int = 1  # and at least this many channels
 
     def __post_init__(self) -> None:
+        if self.round_to < 1 or self.min_width < 1:
+            raise UsageError("--round-to and --min-width must be at least 1")
         if self.absorb not in ABSORB_MODES:
             raise UsageError(
                 f"--absorb must be one of {', '.join(ABSORB_MODES)}, not '{self.absorb}'"
@@ -62,13 +66,15 @@ def compile_model(traced: Traced, options: CompileOptions | None = None) -> Comp
     with `absorb="bias"` up to the paper's border error).
     """
     options = options or CompileOptions()
-    gm = copy.deepcopy(traced.gm).eval()  # keeps node.meta: the traced shapes still hold
+    gm = working_copy(traced.gm)
     if not any("tensor_meta" in node.meta for node in gm.graph.nodes):
         propagate_shapes(gm, traced.example)  # a GraphModule that was never traced by us
-    analysis = analyse(gm)
+    analysis = traced.gm.meta.get(ANALYSIS_KEY) if _analysed(traced.gm) else None
+    analysis = analysis or analyse(gm)
     liveness = find_liveness(gm, traced.example)
     removed = removable_classes(gm, analysis, liveness)
     notes = balance_and_keep(gm, analysis, removed)
+    notes += widen(gm, analysis, removed, round_to=options.round_to, min_width=options.min_width)
     rewriter = Rewriter(gm, analysis, liveness, removed, options.absorb)
     rewriter.apply()
     notes += rewriter.notes
@@ -82,6 +88,25 @@ def compile_model(traced: Traced, options: CompileOptions | None = None) -> Comp
         node.meta.pop("channel_rule", None)
     gm.meta.clear()
     return CompileResult(gm, int(removed.sum()), analysis.num_classes, notes)
+
+
+def working_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of `gm`'s graph (node.meta copied, names kept)
+    that shares `gm`'s modules and tensors: nothing is copied that the rewriter
+    does not replace, and `gm` itself is never changed. A model with modules in
+    training mode is deep-copied and put in eval mode instead."""
+    if any(module.training for module in gm.modules()):
+        return copy.deepcopy(gm).eval()
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    clone = fx.GraphModule(gm, graph, type(gm).__name__)
+    clone.training = False
+    return clone
+
+
+def _analysed(gm: fx.GraphModule) -> bool:
+    """`analyse` ran on this very graph (its channel ids are on the nodes)."""
+    return ANALYSIS_KEY in gm.meta and any("channels" in n.meta for n in gm.graph.nodes)
 
 
 def drop_type_annotations(gm: fx.GraphModule) -> None:

@@ -76,11 +76,39 @@ def _sample(t: torch.Tensor, ids: np.ndarray) -> np.ndarray:
 
 
 def probe_values(gm: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, object]:
-    """Each channel node's per-channel values from one forward pass on `example`."""
+    """Each channel node's per-channel values from one forward pass.
+
+    Only the values of constant channels are ever read, and a constant channel
+    has the same value at every resolution (the rules never call a channel
+    constant when its value depends on the size: sums, padded ops and
+    interpolation with borders stay live). So the probe first runs at a quarter
+    of the example's spatial size, and at the full size when the graph does not
+    accept the smaller input (a flatten → Linear, a fixed-size view).
+    """
+    small = _smaller(example)
+    if small is not None:
+        try:
+            return _probe(gm, small)
+        except Exception:  # the graph needs its traced size: probe at that size below
+            pass
+    return _probe(gm, example)
+
+
+def _probe(gm: fx.GraphModule, x: torch.Tensor) -> dict[fx.Node, object]:
     probe = _Probe(gm)
     with torch.no_grad():
-        probe.run(example)
+        probe.run(x)
     return probe.values
+
+
+def _smaller(example: torch.Tensor) -> torch.Tensor | None:
+    """The example at a quarter of each spatial size (at least 16), or None."""
+    if example.dim() < 3:
+        return None
+    spatial = tuple(max(16, s // 4) for s in example.shape[2:])
+    if spatial >= tuple(example.shape[2:]):
+        return None
+    return torch.randn((1, example.shape[1], *spatial), dtype=example.dtype)
 
 
 _TAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -7,7 +7,7 @@ import numpy as np
 import torch.fx as fx
 from torch import nn
 
-from fxprune.analysis import ChannelAnalysis
+from fxprune.analysis import ChannelAnalysis, class_costs
 from fxprune.compile.liveness import Liveness, channel_nodes, flat
 
 
@@ -69,4 +69,51 @@ def _balance(node: fx.Node, conv: nn.Module, analysis, removed, notes) -> bool:
     return changed
 
 
-__all__ = ["balance_and_keep", "removable_classes"]
+def widen(
+    gm: fx.GraphModule,
+    analysis: ChannelAnalysis,
+    removed: np.ndarray,
+    *,
+    round_to: int = 1,
+    min_width: int = 1,
+) -> list[str]:
+    """Keep (un-remove, in place) the cheapest removable channels until every
+    producer's output width is a multiple of `round_to` and at least `min_width`
+    (or all its channels). Keeping a constant channel is always exact; the cost
+    shows in the FLOP report. Grouped convs are rebalanced after each pass.
+    Returns notes on what was kept."""
+    if round_to <= 1 and min_width <= 1:
+        return []
+    cost = class_costs(gm, analysis)
+    producers = [n for n in channel_nodes(gm) if n.meta["channel_rule"] in PRODUCER_RULES]
+    notes: list[str] = []
+    changed = True
+    while changed:
+        changed = False
+        for node in producers:
+            classes = analysis.class_of[flat(node.meta["channels"])]
+            kept = classes[~removed[classes]]
+            want = _wanted_width(len(np.unique(kept)), len(np.unique(classes)), round_to, min_width)
+            extra = want - len(np.unique(kept))
+            if extra > 0:
+                gone = np.unique(classes[removed[classes]])
+                chosen = gone[np.argsort(cost[gone], kind="stable")[:extra]]
+                removed[chosen] = False
+                notes.append(f"{node.target}: kept {len(chosen)} constant channel(s) for width")
+                changed = True
+        notes += balance_and_keep(gm, analysis, removed)
+    return notes
+
+
+PRODUCER_RULES = ("conv", "grouped")
+
+
+def _wanted_width(kept: int, total: int, round_to: int, min_width: int) -> int:
+    """The smallest width ≥ kept that is a multiple of round_to and ≥ min_width,
+    capped at the layer's full width."""
+    width = max(kept, min_width)
+    width = -(-width // round_to) * round_to
+    return min(width, total)
+
+
+__all__ = ["PRODUCER_RULES", "balance_and_keep", "removable_classes", "widen"]

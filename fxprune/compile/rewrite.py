@@ -1,8 +1,8 @@
 """The graph surgery of the compiler pass: slice modules, fold constants, fix shapes.
 
 `Rewriter.apply()` works on a GraphModule whose nodes carry channel ids and
-a decided set of removed classes. Modules are replaced, never edited, so a
-module shared with the caller is untouched.
+a decided set of removed classes. Modules are replaced, never edited: the
+compiler's working copy shares every module and tensor with its input.
 """
 
 from __future__ import annotations
@@ -164,6 +164,11 @@ class Rewriter:
         if not take.any():
             return None
         values = np.where(take, self.live.values[x], 0.0)
+        if getattr(module, "groups", 1) == 1:  # only the removed columns, in float64
+            cols = torch.as_tensor(np.nonzero(take)[0])
+            weight = module.weight.detach()[:, cols].double()  # (out, taken, *kernel)
+            delta = torch.einsum("oi...,i->o...", weight, torch.from_numpy(values[take.nonzero()]))
+            return delta if bool(delta.any()) else None
         weight = module.weight.detach().double()  # (out, in/groups, *kernel)
         per_row = torch.from_numpy(per_row_inputs(module, values))  # (out, in/groups)
         delta = torch.einsum("oi...,oi->o...", weight, per_row)
@@ -208,13 +213,16 @@ class Rewriter:
         users = list(node.users)
         if len(users) != 1 or users[0].meta.get("channel_rule") != "bn":
             return False
-        bn = self.modules[users[0].target]
-        if getattr(bn, "running_mean", None) is None:
+        target = users[0].target
+        if getattr(self.modules[target], "running_mean", None) is None:
             return False
+        bn = fresh_copy(self.modules[target])  # modules are shared with the input: never edit
         keep = self.keep[users[0]]
         full = torch.zeros(len(keep), dtype=torch.float64)
         full[torch.as_tensor(np.nonzero(keep)[0])] = bias
         bn.running_mean = (bn.running_mean.double() - full).to(bn.running_mean.dtype)
+        replace_module(self.gm, target, bn)
+        self.modules[target] = bn  # rewrite_bn slices this one
         return True
 
     def rewrite_bn(self, node: fx.Node) -> None:

@@ -115,14 +115,22 @@ def resolve_submodule(module: nn.Module, path: str) -> nn.Module:
         ) from None
 
 
-def trace_model(module: nn.Module, example: torch.Tensor, submodule: str | None = None) -> Traced:
+def trace_model(
+    module: nn.Module,
+    example: torch.Tensor,
+    submodule: str | None = None,
+    *,
+    copy_module: bool = True,
+) -> Traced:
     """Trace a deep copy of `module` (or of its `submodule`) and propagate shapes.
 
-    The input module is never mutated. With `submodule`, `example` must be the
-    input of that submodule.
+    The input module is never mutated. With `copy_module=False` the graph shares
+    the module's layers (no copy; for a module nobody else holds, such as one
+    fxprune just loaded): later zeroing then writes into those layers. With
+    `submodule`, `example` must be the input of that submodule.
     """
     target = resolve_submodule(module, submodule) if submodule else module
-    target = copy.deepcopy(target).eval()
+    target = (copy.deepcopy(target) if copy_module else target).eval()
     leaves: dict[str, str] = {}
     gm = symbolic_trace(target, leaves)
     propagate_shapes(gm, example)
