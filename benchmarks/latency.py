@@ -17,6 +17,7 @@ import torch
 
 from fxprune import zoo
 from fxprune.compile import CompileOptions
+from fxprune.compile.fusions import fuse_for_deployment
 from fxprune.pipeline import compile_analysed, loaded_module, open_module
 from fxprune.report import count_model
 from fxprune.testing import randomize_batchnorm, zero_random
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     model = zoo.create_model(args.model).eval()
     randomize_batchnorm(model)
@@ -47,26 +49,53 @@ def main() -> None:
     compact = compile_analysed(analysed).result.gm.eval()
     bias_fold = CompileOptions(absorb="bias")
     no_border = compile_analysed(analysed, options=bias_fold, verify=0).result.gm.eval()
-    flops = count_model(traced.gm, x[:1]).flops / count_model(compact, x[:1]).flops
-    variants = {"eager": (traced.gm.eval(), compact, no_border)}
-    variants["torchscript"] = tuple(
-        torch.jit.freeze(torch.jit.script(m)) for m in variants["eager"]
-    )
+    fused, _ = fuse_for_deployment(compact)
+    original = traced.gm.eval()
+    # the original with its BNs folded too: the fair baseline for a deployed artifact
+    original_fused, _ = fuse_for_deployment(original)
+    flops = count_model(original, x[:1]).flops / count_model(compact, x[:1]).flops
+    eager = {"original": original, "original+fold": original_fused, "compact": compact,
+             "compact+fold": fused, "--absorb bias": no_border}  # fmt: skip
+    variants = {"eager": eager}
+    variants["torchscript"] = {k: torch.jit.freeze(torch.jit.script(m)) for k, m in eager.items()}
+    if args.onnx:
+        variants["onnxruntime"] = {k: onnx_session(m, x) for k, m in eager.items()}
     print(f"{args.model} batch {args.batch}, threads {torch.get_num_threads()}, "
           f"fvcore FLOP ratio {flops:.2f}x")  # fmt: skip
     for kind, models in variants.items():
-        for _ in range(2):  # warm-up
-            for m in models:
-                timed(m, x)
-        times: list[list[float]] = [[] for _ in models]
-        for _ in range(args.repeats):  # interleaved
-            for m, t in zip(models, times, strict=True):
-                t.append(timed(m, x))
-        ta, tb, tc = (statistics.median(t) for t in times)
-        ratio = ta / tb
-        print(f"{kind:12} original {ta * 1e3:8.1f} ms  compact {tb * 1e3:8.1f} ms  "
-              f"speed-up {ratio:.2f}x  (FLOP ratio / speed-up = {flops / ratio:.2f});  "
-              f"--absorb bias {tc * 1e3:.1f} ms")  # fmt: skip
+        ms = interleaved(models, x, args.repeats)
+        for base, small in (("original", "compact"), ("original+fold", "compact+fold")):
+            ratio = ms[base] / ms[small]
+            print(
+                f"{kind:12} {base:14} {ms[base]:8.1f} ms  {small:13} {ms[small]:8.1f} ms  "
+                f"speed-up {ratio:.2f}x  (FLOP ratio / speed-up = {flops / ratio:.2f})"
+            )
+        print(f"{kind:12} --absorb bias {ms['--absorb bias']:.1f} ms")
+
+
+def interleaved(models: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median milliseconds per model, timed A B C A B C ... after two warm-ups."""
+    for _ in range(2):
+        for m in models.values():
+            timed(m, x)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(repeats):
+        for k, m in models.items():
+            times[k].append(timed(m, x))
+    return {k: 1e3 * statistics.median(t) for k, t in times.items()}
+
+
+def onnx_session(module, x: torch.Tensor):
+    """An onnxruntime session of `module` (legacy exporter: static shapes) as a callable."""
+    import io
+
+    import onnxruntime
+
+    buffer = io.BytesIO()
+    torch.onnx.export(module, (x,), buffer, dynamo=False, opset_version=18)
+    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda inp: session.run(None, {name: inp.numpy()})
 
 
 if __name__ == "__main__":
