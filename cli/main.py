@@ -330,16 +330,42 @@ def run() -> None:
     except KeyboardInterrupt:
         err("interrupted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:
+        if isinstance(exc, click_exceptions()):
+            sys.exit(_usage_error(exc))
         if STATE["debug"]:
             raise
         err(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug and report it)")
         sys.exit(3)
+
+
+def click_exceptions() -> tuple[type[Exception], ...]:
+    """The ClickException classes typer may raise: typer ≥ 0.2x bundles its own click
+    (``typer._click``), whose classes are not ``click.ClickException``; older typer
+    raises click's own. Found through ``typer.BadParameter``'s bases, not by name."""
+    bases = [c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"]
+    try:
+        import click
+
+        bases.append(click.ClickException)
+    except ImportError:  # typer without a separate click
+        pass
+    return tuple(dict.fromkeys(bases))
+
+
+def _usage_error(exc: Exception) -> int:
+    """One line on stderr for a command-line mistake; the exit code (2 for usage errors).
+
+    A bare group (`fxprune zoo`) prints its help instead, as click would.
+    """
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        exc.show()  # type: ignore[attr-defined]
+        return 2
+    message = " ".join(exc.format_message().split()) or type(exc).__name__  # type: ignore[attr-defined]
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    err(f"error: {message}{hint}")
+    return int(getattr(exc, "exit_code", 2))
 
 
 if __name__ == "__main__":
