@@ -13,6 +13,7 @@ through these functions; nothing here prints or exits.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,8 +245,8 @@ class CompileConfig:
             raise UsageError("give --threshold or --sparsity, not both")
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise UsageError(f"--sparsity must be in [0, 1), not {self.sparsity}")
-        if self.threshold is not None and self.threshold < 0:
-            raise UsageError(f"--threshold must be ≥ 0, not {self.threshold}")
+        if self.threshold is not None and not 0.0 <= self.threshold < math.inf:  # NaN fails too
+            raise UsageError(f"--threshold must be a finite number ≥ 0, not {self.threshold}")
         if self.verify < 0:
             raise UsageError("--verify must be ≥ 0")
 

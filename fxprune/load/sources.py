@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import importlib
 import io
+import math
 import pickle
 import re
 import zipfile
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 import fxprune
-from fxprune.errors import CheckpointError, LoadError, UsageError, first_line
+from fxprune.errors import CheckpointError, FxpruneError, LoadError, UsageError, first_line
 
 CHECKPOINT_FORMAT = "fxprune-checkpoint"
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -43,8 +44,13 @@ class Loaded:
     meta: dict = field(default_factory=dict)
 
 
+MAX_INPUT_RANK = 5  # N, C, D, H, W (video); a classifier's (N, F) is rank 2
+MAX_EXAMPLE_ELEMENTS = 2**25  # 128 MiB of float32: a 4K frame fits, a 100000² image does not
+
+
 def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
-    """Parse `N,C,H,W` (any rank ≥ 2, positive ints); UsageError otherwise."""
+    """Parse `N,C,H,W` (or NxCxHxW) into a shape that passes `check_input_shape`;
+    UsageError (exit 2) otherwise."""
     if text is None or text == "":
         return None
     try:
@@ -53,9 +59,33 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
         raise UsageError(
             f"--input-shape '{text}' is not a list of integers like 1,3,224,224"
         ) from None
-    if len(shape) < 2 or any(d <= 0 for d in shape):
-        raise UsageError(f"--input-shape '{text}' needs at least 2 positive sizes, e.g. 1,3,32,32")
-    return shape
+    return check_input_shape(shape, "--input-shape", error=UsageError)
+
+
+def check_input_shape(
+    shape: object, origin: str, *, error: type[FxpruneError] = LoadError
+) -> tuple[int, ...]:
+    """`shape` as a tuple of ints if it is a usable example-input shape: rank 2 to
+    MAX_INPUT_RANK, every size positive, at most MAX_EXAMPLE_ELEMENTS elements (the
+    example input is allocated, and the model's activations scale with it). Raises
+    `error` with one line naming `origin` (the option, checkpoint or factory) otherwise.
+    """
+    sizes = list(shape) if isinstance(shape, (list, tuple)) else None
+    if sizes is None or not all(isinstance(d, int) and not isinstance(d, bool) for d in sizes):
+        raise error(f"{origin}: input shape {shape!r} is not a list of integers like 1,3,224,224")
+    text = ",".join(map(str, sizes))
+    if not 2 <= len(sizes) <= MAX_INPUT_RANK:
+        raise error(f"{origin}: input shape {text} has rank {len(sizes)}; "
+                    f"give 2 to {MAX_INPUT_RANK} sizes, e.g. 1,3,32,32")  # fmt: skip
+    if any(d <= 0 for d in sizes):
+        raise error(f"{origin}: input shape {text} has a size ≤ 0; every size must be positive")
+    if math.prod(sizes) > MAX_EXAMPLE_ELEMENTS:
+        raise error(
+            f"{origin}: input shape {text} has {math.prod(sizes):.3g} elements, more than the "
+            f"{MAX_EXAMPLE_ELEMENTS:.3g} fxprune allocates for an example input: use a smaller "
+            "shape (a fully convolutional model compiles at any resolution)"
+        )
+    return tuple(sizes)
 
 
 def load_source(
@@ -79,7 +109,9 @@ def load_source(
     if weights is not None:
         load_state_dict_file(loaded.module, Path(weights), trust_pickle=trust_pickle)
     if input_shape is not None:
-        loaded.input_shape = tuple(input_shape)
+        loaded.input_shape = check_input_shape(input_shape, "--input-shape", error=UsageError)
+    else:
+        loaded.input_shape = check_input_shape(loaded.input_shape, f"{source}'s input_shape")
     loaded.module.eval()
     generator = torch.Generator().manual_seed(seed)
     loaded.example = torch.randn(loaded.input_shape, generator=generator)
@@ -112,7 +144,9 @@ def _load_factory(source: str) -> Loaded:
     if not isinstance(module, nn.Module):
         raise LoadError(f"{source}() returned {type(module).__name__}, not an nn.Module")
     shape = getattr(module, "input_shape", None) or (1, 3, 224, 224)
-    return Loaded(module, torch.empty(0), source, tuple(shape))
+    return Loaded(
+        module, torch.empty(0), source, check_input_shape(shape, f"{source}().input_shape")
+    )
 
 
 def _read_weights_only(path: Path):
@@ -147,7 +181,7 @@ def _load_file(path: Path, *, trust_pickle: bool) -> Loaded:
         obj = _read_weights_only(path)
     if isinstance(obj, nn.Module):
         shape = getattr(obj, "input_shape", None) or (1, 3, 224, 224)
-        return Loaded(obj, torch.empty(0), str(path), tuple(shape))
+        return Loaded(obj, torch.empty(0), str(path), check_input_shape(shape, str(path)))
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         return _from_checkpoint(path, obj)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -235,7 +269,7 @@ def save_checkpoint(path: Path, checkpoint: dict, *, force: bool = False, protec
 
 def _from_checkpoint(path: Path, ckpt: dict) -> Loaded:
     arch = ckpt.get("architecture") or {}
-    shape = tuple(ckpt.get("input_shape") or (1, 3, 224, 224))
+    shape = check_input_shape(ckpt.get("input_shape") or (1, 3, 224, 224), f"{path}'s input_shape")
     if arch.get("kind") == "source":
         module = load_source(str(arch["source"]), input_shape=shape).module
     elif arch.get("kind") == "python":

@@ -47,6 +47,7 @@ import torch
 from fxprune.errors import ExportError, FxpruneError, UsageError, describe
 from fxprune.export import METADATA_NAME
 from fxprune.export.metadata import quiet_torch
+from fxprune.load import check_input_shape
 from fxprune.verify import flatten_outputs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -142,9 +143,9 @@ def load_artifact(path: Path, input_shape: tuple[int, ...] | None = None) -> Art
         raise ExportError(f"{path}: no such artifact file (write one with fxprune compile)")
     fmt = "pt2" if path.suffix == ".pt2" else "torchscript"
     module, metadata = _load_pt2(path) if fmt == "pt2" else _load_torchscript(path)
-    shape = tuple(input_shape or metadata.get("input_shape") or ())
-    if len(shape) < 2:
+    if not (input_shape or metadata.get("input_shape")):
         raise UsageError(f"{path} records no input shape (no fxprune.json): pass --input-shape")
+    shape = input_shape or check_input_shape(metadata["input_shape"], f"{path}'s input_shape")
     pre = metadata.get("preprocessing") or {}
     artifact = Artifact(path, fmt, module, metadata, shape, None)
     artifact.mean = tuple(pre.get("mean", IMAGENET_MEAN))
