@@ -68,3 +68,48 @@ def test_checkpoint_input_shape_is_checked(tmp_path: Path) -> None:
         torch.save(checkpoint, tmp_path / "bad.pt")
         result = fxprune("trace", "bad.pt", cwd=tmp_path)
         assert_clean_error(result, 1, "input_shape")
+
+
+def _garbage_files(folder: Path) -> dict[str, Path]:
+    torch.save({"layer": torch.nn.Linear(2, 2)}, folder / "objects.pt")
+    (folder / "random.pt").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy())
+    (folder / "text.pt").write_text("these are not the weights you are looking for\n")
+    (folder / "zipish.pt").write_bytes(b"PK\x03\x04" + b"\0" * 64)
+    return {p.stem: p.name for p in folder.iterdir()}
+
+
+def test_corrupt_files_are_not_called_pickles(tmp_path: Path) -> None:
+    files = _garbage_files(tmp_path)
+    garbage = [["trace", files[stem]] for stem in ("random", "text", "zipish")]
+    for args in [*garbage, ["trace", "zoo:convnet", "--weights", files["random"]]]:
+        result = fxprune(*args, cwd=tmp_path)
+        assert_clean_error(result, 1, "corrupt", "not a checkpoint")
+        assert "pickle" not in result.stderr, result.stderr
+    source = fxprune("trace", files["objects"], cwd=tmp_path)
+    assert_clean_error(source, 1, "pickles Python objects", "--trust-pickle")
+    weights = fxprune("trace", "zoo:convnet", "--weights", files["objects"], cwd=tmp_path)
+    assert_clean_error(weights, 1, "pickles Python objects", "state_dict")
+    assert "--trust-pickle" not in weights.stderr
+
+
+AUX = {
+    "googlenet": ("1,3,64,64", "aux1.conv.conv.weight"),
+    "inception_v3": ("1,3,80,80", "AuxLogits.conv0.conv.weight"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AUX))
+def test_official_weights_with_aux_heads_load(name: str, tmp_path: Path) -> None:
+    import torchvision
+
+    shape, aux_key = AUX[name]
+    build = getattr(torchvision.models, name)
+    state = build(weights=None, aux_logits=True, init_weights=False).state_dict()
+    assert aux_key in state  # the layout of the official checkpoints
+    torch.save(state, tmp_path / "official.pth")
+    args = ["trace", f"torchvision:{name}", "--input-shape", shape, "--weights"]
+    result = fxprune(*args, "official.pth", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    state["aux3.weight"] = torch.zeros(1)  # not an aux head of this model: still refused
+    torch.save(state, tmp_path / "extra.pth")
+    assert_clean_error(fxprune(*args, "extra.pth", cwd=tmp_path), 1, "unexpected key 'aux3.weight'")

@@ -17,7 +17,7 @@ import io
 import math
 import pickle
 import re
-import zipfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,8 +149,14 @@ def _load_factory(source: str) -> Loaded:
     )
 
 
-def _read_weights_only(path: Path):
-    """torch.load with weights_only=True, turning every failure into one line."""
+def _read_weights_only(path: Path, *, weights: bool = False):
+    """torch.load with weights_only=True, turning every failure into one line.
+
+    Only a file that really pickles Python objects (the weights-only unpickler met a
+    class it does not allow) is called that, and only a model source is pointed to
+    --trust-pickle (`weights=True`: the file came from --weights, where it does not apply).
+    Anything else that fails to parse is called corrupt or not a checkpoint.
+    """
     if not path.exists():
         raise LoadError(f"{path}: no such file (give a .pt file, zoo:NAME or torchvision:NAME)")
     if path.is_dir():
@@ -158,17 +164,32 @@ def _read_weights_only(path: Path):
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise CheckpointError(
-                f"{path} holds pickled Python objects (e.g. a whole nn.Module), which can run "
-                "arbitrary code when loaded; save a state_dict or an fxprune checkpoint instead, "
-                "or pass --trust-pickle if you trust the file"
-            ) from None
-        raise CheckpointError(f"{path} is not a readable checkpoint: {first_line(exc)}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path} is corrupt or truncated: {first_line(exc)}") from None
+        if "Unsupported global" in str(exc):
+            raise CheckpointError(_pickled_objects(path, weights)) from None
+        raise CheckpointError(_corrupt(path, exc)) from None
+    except MemoryError:
+        raise CheckpointError(f"{path} is too large to load into memory") from None
+    except Exception as exc:  # a foreign or damaged file fails anywhere in the unpickler
+        raise CheckpointError(_corrupt(path, exc)) from None
+
+
+def _pickled_objects(path: Path, weights: bool) -> str:
+    what = f"{path} pickles Python objects (e.g. a whole nn.Module), which can run arbitrary code"
+    if weights:
+        return f"{what}; --weights needs a state_dict: torch.save(model.state_dict(), path)"
+    return (f"{what}; save a state_dict or an fxprune checkpoint instead, "
+            "or pass --trust-pickle if you trust the file")  # fmt: skip
+
+
+def _corrupt(path: Path, exc: BaseException) -> str:
+    # the unpickler's own messages (a bad opcode, a KeyError) say nothing to a user;
+    # the zip reader's first sentence does ("not a ZIP archive", "failed finding central")
+    detail = f": {first_line(exc).split('. ')[0]}" if isinstance(exc, RuntimeError) else ""
+    return f"{path} is corrupt or truncated, or not a checkpoint (a file torch.save wrote){detail}"
 
 
 def _load_file(path: Path, *, trust_pickle: bool) -> Loaded:
@@ -194,7 +215,7 @@ def _load_file(path: Path, *, trust_pickle: bool) -> Loaded:
 
 def load_state_dict_file(module: nn.Module, path: Path, *, trust_pickle: bool = False) -> None:
     """Load a state_dict file (or an fxprune checkpoint's) into `module`, strictly."""
-    obj = _read_weights_only(path)
+    obj = _read_weights_only(path, weights=True)
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         obj = obj["state_dict"]
     for key in ("state_dict", "model"):
@@ -208,6 +229,8 @@ def load_state_dict_file(module: nn.Module, path: Path, *, trust_pickle: bool = 
 def apply_state_dict(module: nn.Module, state: dict, origin: str) -> None:
     """Strict load that names the first missing, unexpected or wrong-shaped key."""
     own = module.state_dict()
+    unused = unused_aux_keys(module, state)
+    state = {k: v for k, v in state.items() if k not in unused}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing:
@@ -226,6 +249,19 @@ def apply_state_dict(module: nn.Module, state: dict, origin: str) -> None:
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise CheckpointError(f"{origin}: '{key}' contains NaN or Inf values")
     module.load_state_dict(state, strict=True)
+
+
+_AUX_HEADS = ("aux1", "aux2", "AuxLogits")  # googlenet's two, inception_v3's one
+
+
+def unused_aux_keys(module: nn.Module, state: dict) -> set[str]:
+    """The keys of torchvision's auxiliary classifier heads (googlenet `aux1.`/`aux2.`,
+    inception_v3 `AuxLogits.`) when `module` is a torchvision model built without them:
+    official weights carry those heads, and eval mode never runs them. Nothing else."""
+    if not type(module).__module__.startswith("torchvision.models."):
+        return set()
+    absent = {h for h in _AUX_HEADS if hasattr(module, h) and getattr(module, h) is None}
+    return {k for k in state if isinstance(k, str) and k.split(".")[0] in absent}
 
 
 # -- fxprune checkpoints ------------------------------------------------------
