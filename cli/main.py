@@ -173,6 +173,20 @@ def compile_cmd(
     min_width: Annotated[
         int, typer.Option("--min-width", help="Keep at least N channels in every layer")
     ] = 1,
+    min_keep: Annotated[
+        float,
+        typer.Option(
+            help="--threshold/--sparsity leave every channel group at least this "
+            "fraction of its channels, and at least one (0: no floor)"
+        ),
+    ] = 0.1,
+    allow_constant: Annotated[
+        bool,
+        typer.Option(
+            "--allow-constant",
+            help="Write the model even if its output no longer depends on its input",
+        ),
+    ] = False,
     trust_pickle: TrustPickle = False,
     force: Force = False,
 ) -> None:
@@ -185,7 +199,7 @@ def compile_cmd(
         submodule=submodule, threshold=threshold, sparsity=sparsity, absorb=absorb,
         emit_py=emit_py, save_checkpoint=save_checkpoint, report_json=report,
         trust_pickle=trust_pickle, force=force, verify=verify, fuse=fuse, round_to=round_to,
-        min_width=min_width,
+        min_width=min_width, min_keep=min_keep, allow_constant=allow_constant,
     )  # fmt: skip
     outcome = compile_source(config, progress=lambda msg: err(f"[fxprune] {msg}"))
     result = outcome.result

@@ -25,13 +25,17 @@ from torch import nn
 import fxprune
 from fxprune.analysis import ChannelAnalysis, analyse
 from fxprune.compile import (
+    DEFAULT_MIN_KEEP,
     CompileOptions,
     CompileResult,
     apply_sparsity,
     apply_threshold,
+    check_input_dependence,
     compile_model,
+    dependence,
 )
 from fxprune.compile.fusions import fuse_for_deployment
+from fxprune.compile.dependence import probe_input
 from fxprune.errors import UsageError, VerificationError
 from fxprune.export import (
     ExportResult,
@@ -102,13 +106,18 @@ class Compiled:
 
 
 def zero_channels(
-    analysed: Analysed, *, threshold: float | None = None, sparsity: float | None = None
+    analysed: Analysed,
+    *,
+    threshold: float | None = None,
+    sparsity: float | None = None,
+    min_keep: float = DEFAULT_MIN_KEEP,
 ) -> int:
-    """Zero |γ| ≤ threshold, or the `sparsity` fraction with the smallest |γ|·λ (Eq. 2)."""
+    """Zero |γ| ≤ threshold, or the `sparsity` fraction with the smallest |γ|·λ (Eq. 2),
+    leaving every channel group `min_keep` of its channels (at least one; 0: no floor)."""
     if threshold is not None:
-        return apply_threshold(analysed.traced.gm, threshold)
+        return apply_threshold(analysed.traced.gm, threshold, min_keep)
     if sparsity is not None:
-        return apply_sparsity(analysed.traced.gm, sparsity)
+        return apply_sparsity(analysed.traced.gm, sparsity, min_keep)
     return 0
 
 
@@ -120,14 +129,19 @@ def compile_analysed(
     sparsity: float | None = None,
     verify: int = 3,
     seed: int = 0,
+    min_keep: float = DEFAULT_MIN_KEEP,
+    allow_constant: bool = False,
 ) -> Compiled:
     """zero → compile → verify. With exact absorption a compact model that differs
-    from the (zeroed) original by more than TOLERANCE raises VerificationError."""
+    from the (zeroed) original by more than TOLERANCE raises VerificationError; one
+    whose output no longer depends on its input raises ConstantOutputError (a
+    VerificationError) unless `allow_constant`."""
     options = options or CompileOptions()
     traced = analysed.traced
-    zeroing = threshold is not None or sparsity is not None
-    reference = run_model(traced.gm, traced.example) if zeroing else None
-    zeroed = zero_channels(analysed, threshold=threshold, sparsity=sparsity)
+    reference = run_model(traced.gm, traced.example)
+    probe = probe_input(traced.example, seed)
+    moved = dependence(reference, run_model(traced.gm, probe))
+    zeroed = zero_channels(analysed, threshold=threshold, sparsity=sparsity, min_keep=min_keep)
     after = run_model(traced.gm, traced.example) if zeroed else None
     drift = relative_error(reference, after) if zeroed else None
     result = compile_model(traced, options)
@@ -137,6 +151,8 @@ def compile_analysed(
             f"compiled model differs from the original by {max_error:.2e} (> {TOLERANCE:g}); "
             "nothing was written — please report this model to the fxprune issue tracker"
         )
+    if not allow_constant:
+        check_input_dependence(moved, result.gm, traced.gm, (traced.example, probe))
     return Compiled(result, zeroed, drift, max_error)
 
 
@@ -239,6 +255,8 @@ class CompileConfig:
     fuse: bool = True  # fold BatchNorms into convs in the artifact (verified)
     round_to: int = 1  # keep widths a multiple of this (keeps cheapest constant channels)
     min_width: int = 1  # keep at least this many channels per layer
+    min_keep: float = DEFAULT_MIN_KEEP  # per-group floor of --threshold/--sparsity (0: none)
+    allow_constant: bool = False  # write a model whose output ignores its input
 
     def __post_init__(self) -> None:
         if self.threshold is not None and self.sparsity is not None:
@@ -247,6 +265,8 @@ class CompileConfig:
             raise UsageError(f"--sparsity must be in [0, 1), not {self.sparsity}")
         if self.threshold is not None and not 0.0 <= self.threshold < math.inf:  # NaN fails too
             raise UsageError(f"--threshold must be a finite number ≥ 0, not {self.threshold}")
+        if not 0.0 <= self.min_keep <= 1.0:  # NaN fails too
+            raise UsageError(f"--min-keep must be in [0, 1], not {self.min_keep}")
         if self.verify < 0:
             raise UsageError("--verify must be ≥ 0")
 
@@ -322,6 +342,8 @@ def _compile_and_write(
         sparsity=config.sparsity,
         verify=config.verify,
         seed=config.seed,
+        min_keep=config.min_keep,
+        allow_constant=config.allow_constant,
     )
     say("counting FLOPs and parameters (fvcore)")
     traced, result = analysed.traced, compiled.result

@@ -113,3 +113,38 @@ def test_official_weights_with_aux_heads_load(name: str, tmp_path: Path) -> None
     state["aux3.weight"] = torch.zeros(1)  # not an aux head of this model: still refused
     torch.save(state, tmp_path / "extra.pth")
     assert_clean_error(fxprune(*args, "extra.pth", cwd=tmp_path), 1, "unexpected key 'aux3.weight'")
+
+
+def _depends_on_input(artifact: Path, shape: list[int]) -> bool:
+    module = torch.jit.load(str(artifact))
+    first, second = torch.randn(shape), torch.randn(shape)
+    with torch.no_grad():
+        return not torch.allclose(module(first), module(second), rtol=1e-4, atol=1e-6)
+
+
+def _check_floor(artifact: Path) -> dict:
+    from fxprune.export import read_metadata
+
+    meta = read_metadata(artifact)
+    for layer, width in meta["channels"].items():
+        assert width["after"] >= max(1, -(-width["before"] // 10)), (layer, width)
+    return meta
+
+
+@pytest.mark.parametrize("prune", [["--sparsity", "0.5"], ["--threshold", "10"]])
+def test_pruning_keeps_a_floor_and_refuses_constant_models(prune: list[str], tmp_path) -> None:
+    # zoo:resnet20 --sparsity 0.5 used to zero the whole residual stream ("drift 1.003");
+    # --threshold 10 selects every channel of zoo:convnet (random γ are ≤ 1)
+    model = "zoo:resnet20" if prune[0] == "--sparsity" else "zoo:convnet"
+    kept = fxprune("compile", model, *prune, "--out", "kept.ts", cwd=tmp_path)
+    assert kept.returncode == 0, kept.stderr
+    meta = _check_floor(tmp_path / "kept.ts")
+    assert meta["params"]["after"] < meta["params"]["before"]
+    assert _depends_on_input(tmp_path / "kept.ts", meta["input_shape"])
+    bare = [*prune, "--min-keep", "0", "--out", "const.ts"]
+    refused = fxprune("compile", model, *bare, cwd=tmp_path)
+    assert_clean_error(refused, 1, "no longer depends on its input", "--allow-constant", "group")
+    assert not (tmp_path / "const.ts").exists()
+    forced = fxprune("compile", model, *bare, "--allow-constant", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    assert not _depends_on_input(tmp_path / "const.ts", meta["input_shape"])

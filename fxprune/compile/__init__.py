@@ -8,15 +8,26 @@ make channels zero before compiling), `compiler` (the pass itself).
 """
 
 from fxprune.compile.compiler import ABSORB_MODES, CompileOptions, CompileResult, compile_model
-from fxprune.compile.zeroing import apply_sparsity, apply_threshold, prunable_classes, zero_classes
+from fxprune.compile.dependence import ConstantOutputError, check_input_dependence, dependence
+from fxprune.compile.zeroing import (
+    DEFAULT_MIN_KEEP,
+    apply_sparsity,
+    apply_threshold,
+    prunable_classes,
+    zero_classes,
+)
 
 __all__ = [
     "ABSORB_MODES",
+    "DEFAULT_MIN_KEEP",
+    "ConstantOutputError",
     "CompileOptions",
     "CompileResult",
     "apply_sparsity",
     "apply_threshold",
+    "check_input_dependence",
     "compile_model",
+    "dependence",
     "prunable_classes",
     "zero_classes",
 ]

@@ -8,6 +8,8 @@ GraphModule in place and returns how many channels it zeroed.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.fx as fx
@@ -68,23 +70,52 @@ def _candidates(gm: fx.GraphModule) -> list[tuple[Group, int]]:
     ]
 
 
-def apply_threshold(gm: fx.GraphModule, threshold: float) -> int:
-    """Zero the channels whose |γ| ≤ threshold at every BN site; returns how many."""
+DEFAULT_MIN_KEEP = 0.1  # --min-keep: every group keeps ≥ 10 % of its channels, at least one
+
+
+def group_floor(group: Group, min_keep: float) -> int:
+    """How many channels of `group` thresholds and sparsity targets must leave:
+    ceil(min_keep · width), at least 1; 0 when `min_keep` is 0 (the floor lifted)."""
+    return max(1, math.ceil(min_keep * group.width)) if min_keep > 0 else 0
+
+
+def _within_floor(pairs: list[tuple[Group, int]], min_keep: float) -> list[tuple[Group, int]]:
+    """The pairs, taken in priority order, that leave every group its floor
+    (channels frozen in a group count as kept)."""
+    taken: dict[int, int] = {}
+    chosen = []
+    for group, c in pairs:
+        allowed = group.width - group_floor(group, min_keep)
+        if taken.get(group.index, 0) < allowed:
+            taken[group.index] = taken.get(group.index, 0) + 1
+            chosen.append((group, c))
+    return chosen
+
+
+def apply_threshold(
+    gm: fx.GraphModule, threshold: float, min_keep: float = DEFAULT_MIN_KEEP
+) -> int:
+    """Zero the channels whose |γ| ≤ threshold at every BN site, smallest |γ| first,
+    leaving every group its floor (`group_floor`); returns how many."""
     gamma = bn_gamma_by_class(gm, get_analysis(gm))
-    chosen = [(g, c) for g, c in _candidates(gm) if gamma.get(c, 0.0) <= threshold]
+    below = [(g, c) for g, c in _candidates(gm) if gamma.get(c, 0.0) <= threshold]
+    below.sort(key=lambda pair: gamma.get(pair[1], 0.0))
+    chosen = _within_floor(below, min_keep)
     _zero_pairs(gm, chosen)
     return len(chosen)
 
 
-def apply_sparsity(gm: fx.GraphModule, fraction: float) -> int:
-    """Zero `fraction` of the prunable channels with the smallest |γ|·cost (Eq. 2 cost)."""
+def apply_sparsity(gm: fx.GraphModule, fraction: float, min_keep: float = DEFAULT_MIN_KEEP) -> int:
+    """Zero `fraction` of the prunable channels with the smallest |γ|·cost (Eq. 2 cost),
+    leaving every group its floor (`group_floor`), so fewer may be zeroed; returns how many."""
     analysis = get_analysis(gm)
     gamma = bn_gamma_by_class(gm, analysis)
     cost = class_costs(gm, analysis)
     pairs = _candidates(gm)
     scores = [gamma.get(c, 0.0) * cost[c] for _g, c in pairs]
     count = int(round(fraction * len(pairs)))
-    chosen = [pairs[i] for i in np.argsort(scores, kind="stable")[:count]]
+    ranked = [pairs[i] for i in np.argsort(scores, kind="stable")]
+    chosen = _within_floor(ranked, min_keep)[:count]
     _zero_pairs(gm, chosen)
     return len(chosen)
 
@@ -98,9 +129,11 @@ def _zero_pairs(gm: fx.GraphModule, pairs: list[tuple[Group, int]]) -> None:
 
 
 __all__ = [
+    "DEFAULT_MIN_KEEP",
     "apply_sparsity",
     "apply_threshold",
     "bn_gamma_by_class",
+    "group_floor",
     "prunable_classes",
     "zero_classes",
 ]
