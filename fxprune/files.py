@@ -8,13 +8,14 @@ whether a path may be written.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from fxprune.errors import ExportError
+from fxprune.errors import ExportError, UsageError
 
 TMP_MARKER = ".fxprune-tmp-"
 
@@ -39,7 +40,80 @@ def check_target(path: PathLike, *, force: bool = False, protect: Sequence[PathL
         raise ExportError(f"{target} is a directory: give a file name")
     if target.exists() and not force:
         raise ExportError(f"{target} already exists: pass --force to overwrite it")
+    _check_writable(target)
     return target
+
+
+def _check_writable(target: Path) -> None:
+    """Create and remove the temp file a write of ``target`` uses: a name too long for
+    the file system, a read-only or foreign directory fail here, before any work."""
+    try:
+        limit = os.pathconf(target.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    needed = len(_temp_name(target, "0" * 8).encode())
+    if needed > limit:
+        spare = limit - (needed - len(target.name.encode()))
+        raise ExportError(
+            f"output name {target.name[:40]}… is {len(target.name.encode())} bytes long: at most "
+            f"{spare} fit in {target.parent} (fxprune writes a longer temp name beside it first)"
+        )
+    try:
+        _create_temp(target).unlink()
+    except OSError as exc:
+        raise ExportError(f"cannot write in {target.parent}: {exc.strerror or exc}") from None
+
+
+def check_distinct(outputs: Mapping[str, PathLike | None]) -> None:
+    """Refuse two outputs of one command that are the same file (also through symlinks
+    and hard links): one would silently replace the other. ``outputs`` maps an option
+    name to its path (None: not asked for)."""
+    seen: list[tuple[str, Path]] = []
+    for label, path in outputs.items():
+        if path is None:
+            continue
+        target = Path(path).expanduser().absolute()
+        for other_label, other in seen:
+            if _same_file(target, other):
+                raise UsageError(f"{other_label} and {label} are the same file ({path}): "
+                                 "give each output its own path")  # fmt: skip
+        seen.append((label, target))
+
+
+_STAGE: contextvars.ContextVar[list[tuple[Path, Path]] | None] = contextvars.ContextVar(
+    "fxprune_staged_writes", default=None
+)
+
+
+@contextlib.contextmanager
+def staged_writes() -> Iterator[None]:
+    """All-or-nothing for the outputs of one command. Inside, :func:`atomic_write` only
+    fills (and verifies) temp files; when the block ends cleanly they replace their
+    targets one after the other; when it raises, every temp file is removed and no
+    target has been touched. (Only a crash between two renames can split the set.)"""
+    stage: list[tuple[Path, Path]] = []
+    token = _STAGE.set(stage)
+    try:
+        yield
+    except BaseException:
+        _discard(stage)
+        raise
+    finally:
+        _STAGE.reset(token)
+    try:
+        while stage:
+            tmp, target = stage[0]
+            os.replace(tmp, target)
+            stage.pop(0)
+            _fsync_path(target.parent)
+    finally:
+        _discard(stage)
+
+
+def _discard(stage: list[tuple[Path, Path]]) -> None:
+    for tmp, _target in stage:
+        tmp.unlink(missing_ok=True)
+    stage.clear()
 
 
 def atomic_write(
@@ -55,11 +129,17 @@ def atomic_write(
     an existing target is untouched. Returns the absolute target path.
     """
     target = check_target(path, force=force, protect=protect)
+    stage = _STAGE.get()
+    if stage is not None and any(_same_file(target, staged) for _tmp, staged in stage):
+        raise ExportError(f"{target} is written twice by one command")
     clean_stale_temps(target)  # what a killed earlier write of this target left behind
     tmp = _create_temp(target)
     try:
         writer(tmp)
         _fsync_path(tmp)
+        if stage is not None:  # staged_writes() renames it with the others
+            stage.append((tmp, target))
+            return target
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -76,7 +156,8 @@ def clean_stale_temps(path: PathLike, *, min_age_s: float = 3600.0) -> list[Path
     target = Path(path).absolute()
     removed = []
     now = time.time()
-    for litter in target.parent.glob(f".{target.name}{TMP_MARKER}*"):
+    prefix = f".{target.name}{TMP_MARKER}"  # compared as text: the name may hold * or [
+    for litter in [p for p in target.parent.iterdir() if p.name.startswith(prefix)]:
         with contextlib.suppress(FileNotFoundError):
             if _writer_gone(litter, target) or now - litter.stat().st_mtime >= min_age_s:
                 litter.unlink()
@@ -111,14 +192,17 @@ def _create_temp(target: Path) -> Path:
     # os.open with 0o666 lets the umask decide the mode, as for any normal file; the
     # target's suffix is kept because some writers (torch.export.save) insist on it.
     for _ in range(100):
-        name = f".{target.name}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}{target.suffix}"
-        tmp = target.parent / name
+        tmp = target.parent / _temp_name(target, secrets.token_hex(4))
         try:
             os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
             return tmp
         except FileExistsError:
             continue
     raise ExportError(f"could not create a temp file next to {target}: clean {TMP_MARKER}* files")
+
+
+def _temp_name(target: Path, token: str) -> str:
+    return f".{target.name}{TMP_MARKER}{os.getpid()}-{token}{target.suffix}"
 
 
 def _fsync_path(path: Path) -> None:
@@ -135,4 +219,12 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["TMP_MARKER", "PathLike", "atomic_write", "check_target", "clean_stale_temps"]
+__all__ = [
+    "TMP_MARKER",
+    "PathLike",
+    "atomic_write",
+    "check_distinct",
+    "check_target",
+    "clean_stale_temps",
+    "staged_writes",
+]

@@ -362,16 +362,21 @@ def _inputs(config: CompileConfig) -> list[Path]:
 
 
 def _check_outputs(config: CompileConfig, protect: list[Path]) -> None:
-    """Refuse bad output paths before any work is done."""
-    emitted_weights = emitted_weights_path(config.emit_py) if config.emit_py else None
-    outputs = (
-        config.out,
-        config.emit_py,
-        emitted_weights,
-        config.save_checkpoint,
-        config.report_json,
-    )
-    for path in outputs:
+    """Refuse bad output paths before any work is done: two outputs that are one file,
+    an input file, a missing or read-only directory, a name too long, an existing file."""
+    from fxprune.files import check_distinct
+
+    outputs = {
+        "--out": config.out,
+        "--emit-py": config.emit_py,
+        "--emit-py (its .weights.pt)": emitted_weights_path(config.emit_py)
+        if config.emit_py
+        else None,
+        "--save-checkpoint": config.save_checkpoint,
+        "--report": config.report_json,
+    }
+    check_distinct(outputs)
+    for path in outputs.values():
         if path is not None:
             check_target(path, force=config.force, protect=protect)
 
@@ -392,6 +397,17 @@ def deployment_model(gm: nn.Module, example: torch.Tensor, outcome: CompileOutco
 
 
 def _write_outputs(
+    outcome: CompileOutcome, config: CompileConfig, protect, say: Progress, verifier=None
+) -> None:
+    """Write every requested output all-or-nothing: each to a verified temp file, then
+    all renamed; a failure on any leaves every existing file as it was."""
+    from fxprune.files import staged_writes
+
+    with staged_writes():
+        _write_staged(outcome, config, protect, say, verifier)
+
+
+def _write_staged(
     outcome: CompileOutcome, config: CompileConfig, protect, say: Progress, verifier=None
 ) -> None:
     from fxprune.export import emit_python, flat_module

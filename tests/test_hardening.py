@@ -7,11 +7,14 @@ no existing file replaced or lost.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from test_cli import assert_clean_error, fxprune
+from test_cli import assert_clean_error, fxprune, snapshot
 
 USAGE = {
     "unknown option": ["compile", "zoo:resnet20", "--bogus"],
@@ -148,3 +151,88 @@ def test_pruning_keeps_a_floor_and_refuses_constant_models(prune: list[str], tmp
     forced = fxprune("compile", model, *bare, "--allow-constant", cwd=tmp_path)
     assert forced.returncode == 0, forced.stderr
     assert not _depends_on_input(tmp_path / "const.ts", meta["input_shape"])
+
+
+def _same_file_cases(folder: Path) -> dict[str, list[str]]:
+    (folder / "existing.ts").write_bytes(b"precious")
+    (folder / "link.json").symlink_to("new.ts")
+    os.link(folder / "existing.ts", folder / "hard.json")
+    return {
+        "same name": ["--out", "new.ts", "--report", "new.ts"],
+        "symlink": ["--out", "new.ts", "--report", "link.json"],
+        "hard link": ["--out", "existing.ts", "--force", "--report", "hard.json"],
+        "emit-py weights": ["--out", "new.ts", "--emit-py", "m.py", "--save-checkpoint",
+                            "m.weights.pt"],
+    }  # fmt: skip
+
+
+def test_outputs_of_one_command_are_distinct(tmp_path: Path) -> None:
+    cases = _same_file_cases(tmp_path)
+    before = snapshot(tmp_path)
+    for args in cases.values():
+        result = fxprune("compile", "zoo:convnet", *args, cwd=tmp_path)
+        assert_clean_error(result, 2, "same file")
+        assert snapshot(tmp_path) == before
+
+
+@contextlib.contextmanager
+def _unwritable(folder: Path):
+    """A directory even root cannot write in (chmod, plus chattr +i when root)."""
+    folder.mkdir()
+    folder.chmod(0o555)
+    chattr = ["chattr", "+i", str(folder)]
+    immutable = os.geteuid() == 0 and not subprocess.run(chattr, capture_output=True).returncode
+    try:
+        if os.access(folder, os.W_OK) and not immutable:
+            pytest.skip("cannot make a directory unwritable here")
+        yield folder
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+def test_unwritable_or_too_long_outputs_fail_before_any_work(tmp_path: Path) -> None:
+    (tmp_path / "existing.ts").write_bytes(b"precious")
+    with _unwritable(tmp_path / "ro"):
+        before = snapshot(tmp_path)
+        args = ["--out", "existing.ts", "--force", "--report", "ro/r.json"]
+        result = fxprune("compile", "zoo:convnet", *args, cwd=tmp_path)
+        assert_clean_error(result, 1, "cannot write in")
+        assert "loading" not in result.stderr  # refused before the pipeline started
+        assert snapshot(tmp_path) == before
+    long_name = "a" * 250 + ".ts"
+    result = fxprune("compile", "zoo:convnet", "--out", long_name, cwd=tmp_path)
+    assert_clean_error(result, 1, "bytes long")
+    assert "loading" not in result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_outputs_are_written_all_or_nothing(tmp_path: Path) -> None:
+    from fxprune.files import atomic_write, staged_writes
+
+    (tmp_path / "a.ts").write_bytes(b"old a")
+
+    def fail(_tmp: Path) -> None:
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError), staged_writes():
+        atomic_write(tmp_path / "a.ts", lambda tmp: tmp.write_bytes(b"new a"), force=True)
+        atomic_write(tmp_path / "b.json", fail)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ts"]  # no temp litter either
+    assert (tmp_path / "a.ts").read_bytes() == b"old a"
+    with staged_writes():
+        atomic_write(tmp_path / "a.ts", lambda tmp: tmp.write_bytes(b"new a"), force=True)
+        atomic_write(tmp_path / "b.json", lambda tmp: tmp.write_bytes(b"b"))
+        assert (tmp_path / "a.ts").read_bytes() == b"old a"  # nothing renamed yet
+    assert (tmp_path / "a.ts").read_bytes() == b"new a" and (tmp_path / "b.json").exists()
+
+
+def test_stale_temp_cleanup_does_not_glob_the_target_name(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    unrelated = tmp_path / "d" / ".other.ts.fxprune-tmp-999999999-abcd.ts"
+    unrelated.write_bytes(b"someone else's")
+    os.utime(unrelated, (1, 1))  # old, and its pid does not run: stale for other.ts
+    result = fxprune("compile", "zoo:convnet", "--out", "d/*", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert unrelated.exists() and (tmp_path / "d" / "*").stat().st_size > 0
