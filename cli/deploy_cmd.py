@@ -51,6 +51,16 @@ def serve_command(
     log_level: Annotated[
         str, typer.Option("--log-level", help="uvicorn log level: warning, info, debug")
     ] = "warning",
+    max_samples: Annotated[
+        int, typer.Option("--max-samples", help="Reject requests with more samples (413)")
+    ] = 64,
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            "--request-timeout",
+            help="Close connections that send no complete request head within this many seconds",
+        ),
+    ] = 10.0,
 ) -> None:
     """Serve an artifact over HTTP: GET /health, GET /metadata, POST /predict."""
     from fxprune.load import parse_input_shape
@@ -60,6 +70,7 @@ def serve_command(
     config = ServeConfig(
         artifact=artifact, host=host, port=port, max_batch=max_batch, workers=workers,
         max_body_mb=max_body_mb, input_shape=parse_input_shape(input_shape), log_level=log_level,
+        max_samples=max_samples, request_timeout=request_timeout,
     )  # fmt: skip
 
     def ready(url: str, loaded) -> None:

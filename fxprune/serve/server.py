@@ -48,12 +48,19 @@ from fxprune.errors import ExportError, FxpruneError, UsageError, describe
 from fxprune.export import METADATA_NAME
 from fxprune.export.metadata import quiet_torch
 from fxprune.load import check_input_shape
+from fxprune.serve import limits
+from fxprune.serve.limits import (
+    LIGHT_BODY_BYTES,
+    MAX_REQUEST_PIXELS,
+    DecodePools,
+    Overloaded,
+    npy_header,
+)
 from fxprune.verify import flatten_outputs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NPY_TYPES = ("application/octet-stream", "application/x-npy")
-MAX_IMAGE_PIXELS = 40_000_000  # decoded size guard against decompression bombs
 ENV_CONFIG = "FXPRUNE_SERVE_CONFIG"  # how uvicorn worker processes get the config
 
 
@@ -69,6 +76,8 @@ class ServeConfig:
     max_body_mb: float = 16.0
     input_shape: tuple[int, ...] | None = None
     log_level: str = "warning"
+    max_samples: int = 64  # per request; more get a 413
+    request_timeout: float = 10.0  # seconds to send the request head
 
     def __post_init__(self) -> None:
         self.artifact = Path(self.artifact)
@@ -78,6 +87,12 @@ class ServeConfig:
             raise UsageError(f"--workers must be ≥ 1, not {self.workers}")
         if not self.max_body_mb > 0:
             raise UsageError(f"--max-body-mb must be > 0, not {self.max_body_mb}")
+        if self.max_samples < 1:
+            raise UsageError(f"--max-samples must be ≥ 1, not {self.max_samples}")
+        if not 0 < self.request_timeout < 3600:
+            raise UsageError(
+                f"--request-timeout must be in (0, 3600) s, not {self.request_timeout}"
+            )
         if not 0 <= self.port <= 65535:
             raise UsageError(f"--port must be in 0..65535, not {self.port}")
 
@@ -201,11 +216,19 @@ def _probe_fixed_batch(artifact: Artifact) -> int | None:
 # --------------------------------------------------------------------------- request decoding
 
 
-def decode_body(body: bytes, content_type: str, artifact: Artifact) -> np.ndarray:
-    """The request's input batch as float32 (B, C, H, W), or RequestError."""
+@dataclass
+class ImageList:
+    """Base64 images of one request, decoded later in the heavy pool (`decode_images`)."""
+
+    items: list[Any]
+
+
+def decode_body(body: bytes, content_type: str, artifact: Artifact, max_samples: int = 64) -> Any:
+    """The request's input batch as float32 (B, C, H, W) — or, for ``{"image": ...}``,
+    an ImageList for `decode_images` — else RequestError."""
     kind = content_type.split(";")[0].strip().lower()
     if kind in NPY_TYPES:
-        return check_input(_read_npy(body), artifact)
+        return check_input(_read_npy(body, artifact, max_samples), artifact, max_samples)
     if kind not in ("application/json", ""):
         raise RequestError(415, f"unsupported Content-Type {kind!r}: send application/json "
                                 "or a .npy body as application/octet-stream")  # fmt: skip
@@ -217,8 +240,13 @@ def decode_body(body: bytes, content_type: str, artifact: Artifact) -> np.ndarra
         raise RequestError(422, 'JSON body must be an object with "inputs" or "image"')
     if "image" in payload:
         images = payload["image"] if isinstance(payload["image"], list) else [payload["image"]]
-        return np.stack([decode_image(item, artifact) for item in images])
-    return check_input(_numeric(payload["inputs"]), artifact)
+        if not images:
+            raise RequestError(422, '"image" is an empty list: send at least one image')
+        if len(images) > max_samples:
+            raise RequestError(413, f"{len(images)} images in one request: at most "
+                                    f"{max_samples} (--max-samples)")  # fmt: skip
+        return ImageList(images)
+    return check_input(_numeric(payload["inputs"]), artifact, max_samples)
 
 
 def _numeric(value: Any) -> np.ndarray:
@@ -231,25 +259,37 @@ def _numeric(value: Any) -> np.ndarray:
     return array
 
 
-def _read_npy(body: bytes) -> np.ndarray:
+def _read_npy(body: bytes, artifact: Artifact, max_samples: int) -> np.ndarray:
     if not body.startswith(b"\x93NUMPY"):
         raise RequestError(400, "body is not a .npy file (numpy.save format)")
-    try:
-        array = np.load(io.BytesIO(body), allow_pickle=False)
+    try:  # the header is checked against the body before any data is read
+        shape, dtype, _offset = npy_header(body)
+    except TypeError:
+        raise RequestError(422, ".npy holds Python objects: send a numeric array") from None
     except ValueError as err:
-        if "pickle" in str(err).lower():
-            raise RequestError(422, ".npy holds Python objects: send a numeric array") from None
         raise RequestError(400, f"body is not a .npy array: {describe(err)}") from None
-    except (OSError, EOFError) as err:
+    if dtype.kind not in "iuf":
+        raise RequestError(422, f".npy dtype {dtype} is not numeric (send float32)")
+    _check_samples(shape, artifact, max_samples)
+    try:
+        return np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
         raise RequestError(400, f"body is not a .npy array: {describe(err)}") from None
-    if array.dtype.kind not in "iuf":
-        raise RequestError(422, f".npy dtype {array.dtype} is not numeric (send float32)")
-    return array
 
 
-def check_input(array: np.ndarray, artifact: Artifact) -> np.ndarray:
-    """Add the batch axis to one sample; refuse wrong shapes and non-finite values."""
+def _check_samples(shape: tuple[int, ...], artifact: Artifact, max_samples: int) -> None:
+    """413 for a batch larger than the per-request sample budget (checked on the shape)."""
+    samples = shape[0] if len(shape) == len(artifact.sample_shape) + 1 else 1
+    if samples > max_samples:
+        raise RequestError(413, f"{samples} samples in one request: at most {max_samples} "
+                                "(--max-samples)")  # fmt: skip
+
+
+def check_input(array: np.ndarray, artifact: Artifact, max_samples: int = 64) -> np.ndarray:
+    """Add the batch axis to one sample; refuse wrong shapes, too many samples and
+    non-finite values."""
     sample = artifact.sample_shape
+    _check_samples(array.shape, artifact, max_samples)
     if array.ndim == len(sample):
         array = array[None]
     if array.ndim != len(sample) + 1 or tuple(array.shape[1:]) != sample or not len(array):
@@ -266,30 +306,54 @@ def check_input(array: np.ndarray, artifact: Artifact) -> np.ndarray:
     return array
 
 
-def decode_image(data: Any, artifact: Artifact) -> np.ndarray:
-    """A base64 PNG/JPEG as one preprocessed (C, H, W) float32 sample."""
-    from PIL import Image, UnidentifiedImageError
-
-    channels, height, width = (artifact.sample_shape + (0, 0, 0))[:3]
+def decode_images(items: list[Any], artifact: Artifact) -> np.ndarray:
+    """Base64 PNG/JPEG images as a preprocessed (B, C, H, W) float32 batch. Every header
+    is read (and the request's pixel budget checked) before any image is decoded."""
+    channels = (artifact.sample_shape + (0,))[0]
     if len(artifact.sample_shape) != 3 or channels not in (1, 3):
         raise RequestError(422, f"images need a (1|3, H, W) input, not {artifact.sample_shape}")
+    images = [_open_image(item) for item in items]
+    pixels = sum(image.width * image.height for image in images)
+    if pixels > MAX_REQUEST_PIXELS:
+        raise RequestError(413, f"the request's images hold {pixels:,} pixels: at most "
+                                f"{MAX_REQUEST_PIXELS:,} per request")  # fmt: skip
+    return np.stack([_preprocess(image, artifact) for image in images])
+
+
+def decode_image(data: Any, artifact: Artifact) -> np.ndarray:
+    """One base64 PNG/JPEG as a preprocessed (C, H, W) float32 sample."""
+    return decode_images([data], artifact)[0]
+
+
+def _open_image(data: Any) -> Any:
+    """The image's header only (PIL opens lazily), with PIL's own bomb limit set first."""
+    from PIL import Image, UnidentifiedImageError
+
     if not isinstance(data, str):
         raise RequestError(422, '"image" must be a base64 string (or a list of them)')
+    Image.MAX_IMAGE_PIXELS = MAX_REQUEST_PIXELS  # PIL refuses 2x this in open()
     try:
         raw = base64.b64decode(data.split(",")[-1], validate=True)  # allow a data: URL prefix
         image = Image.open(io.BytesIO(raw))
     except (binascii.Error, ValueError) as err:
         raise RequestError(400, f'"image" is not valid base64: {describe(err)}') from None
+    except Image.DecompressionBombError as err:
+        raise RequestError(413, f'"image" is too large: {describe(err)}') from None
     except (UnidentifiedImageError, OSError):
         raise RequestError(422, '"image" is not a PNG or JPEG image') from None
     if image.format not in ("PNG", "JPEG"):
         raise RequestError(422, f'"image" is {image.format}: send PNG or JPEG')
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise RequestError(413, f"image is {image.width}x{image.height}: too many pixels")
+    return image
+
+
+def _preprocess(image: Any, artifact: Artifact) -> np.ndarray:
+    from PIL import Image
+
+    channels, height, width = artifact.sample_shape
     try:
         image = image.convert("RGB" if channels == 3 else "L")
         image = image.resize((width, height), Image.Resampling.BILINEAR)
-    except (OSError, ValueError) as err:  # truncated or corrupt image data
+    except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt image data
         raise RequestError(422, f'"image" could not be decoded: {describe(err)}') from None
     pixels = np.asarray(image, dtype=np.float32).reshape(height, width, channels) / 255.0
     mean = np.asarray(artifact.mean, dtype=np.float32)[:channels]
@@ -446,12 +510,13 @@ def create_app(artifact: Artifact, config: ServeConfig) -> Any:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher = Batcher(artifact, config.max_batch)
         task = asyncio.create_task(batcher.run_forever())
-        app.state.batcher = batcher
+        app.state.batcher, app.state.pools = batcher, DecodePools()
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         batcher.close()
+        app.state.pools.close()
 
     app = FastAPI(title="fxprune serve", version="1", lifespan=lifespan)
 
@@ -478,7 +543,7 @@ def create_app(artifact: Artifact, config: ServeConfig) -> Any:
     ) -> JSONResponse:
         body = await read_body(request, config.max_body_bytes)
         content_type = request.headers.get("content-type", "")
-        array = await asyncio.to_thread(decode_body, body, content_type, artifact)
+        array = await _decode(app.state.pools, body, content_type, artifact, config.max_samples)
         try:
             outputs = await app.state.batcher.predict(torch.from_numpy(array))
         except RuntimeError as err:
@@ -489,10 +554,32 @@ def create_app(artifact: Artifact, config: ServeConfig) -> Any:
     return app
 
 
+async def _decode(
+    pools: DecodePools, body: bytes, content_type: str, artifact: Artifact, max_samples: int
+) -> np.ndarray:
+    """Decode in fxprune's own pools (a large body or any image in the heavy one). Every
+    failure of a malformed body is a 4xx: anything unforeseen becomes a 400 naming it."""
+    try:
+        parsed = await pools.run(len(body) > LIGHT_BODY_BYTES, decode_body, body,
+                                 content_type, artifact, max_samples)  # fmt: skip
+        if isinstance(parsed, ImageList):
+            parsed = await pools.run(True, decode_images, parsed.items, artifact)
+        return parsed
+    except RequestError:
+        raise
+    except Overloaded as err:
+        raise RequestError(503, str(err)) from None
+    except MemoryError:
+        raise RequestError(413, "the request needs more memory than the server has") from None
+    except Exception as err:  # a decoder failing in a way not foreseen above: still the body's
+        raise RequestError(400, f"body could not be decoded: {describe(err)}") from None
+
+
 def app_from_env() -> Any:
     """uvicorn factory for worker processes: the config travels in ``FXPRUNE_SERVE_CONFIG``."""
     raw = json.loads(os.environ[ENV_CONFIG])
     config = ServeConfig(**{**raw, "input_shape": tuple(raw["input_shape"] or ()) or None})
+    limits.REQUEST_TIMEOUT_S = config.request_timeout
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.workers))
     return create_app(load_artifact(config.artifact, config.input_shape), config)
 
@@ -530,7 +617,9 @@ def serve(config: ServeConfig, on_ready: Any = None) -> None:
     import uvicorn
 
     artifact = load_artifact(config.artifact, config.input_shape)  # fail before binding
-    options = dict(log_level=config.log_level, access_log=False, timeout_graceful_shutdown=30)
+    limits.REQUEST_TIMEOUT_S = config.request_timeout
+    options = dict(log_level=config.log_level, access_log=False, timeout_graceful_shutdown=30,
+                   http=limits.TIMED_H11, timeout_keep_alive=5)  # fmt: skip
     if config.workers > 1:
         _serve_workers(config, options, artifact, on_ready)
         return
