@@ -24,6 +24,8 @@ pytest.importorskip("uvicorn", reason="the serve extra is not installed")
 
 from test_serve import Server, artifact  # noqa: E402,F401  (the module-scoped artifact fixture)
 
+from fxprune.errors import FxpruneError  # noqa: E402
+
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit:FutureWarning")
 
 MAX_SAMPLES = 16
@@ -138,3 +140,16 @@ def test_half_open_connections_are_closed(server, client):
         for sock in sockets:
             sock.close()
     assert client.get("/health").status_code == 200
+
+
+def test_artifact_with_broken_metadata_is_one_line(tmp_path):
+    import torch
+
+    from fxprune.serve.server import load_artifact
+
+    scripted = torch.jit.script(torch.nn.Conv2d(3, 4, 1))
+    for raw in ("{not json", "[1, 2]", '{"input_shape": [1, 3, 100000, 100000]}'):
+        torch.jit.save(scripted, str(tmp_path / "a.ts"), _extra_files={"fxprune.json": raw})
+        with pytest.raises(FxpruneError) as caught:
+            load_artifact(tmp_path / "a.ts")
+        assert "\n" not in str(caught.value)

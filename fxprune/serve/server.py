@@ -16,7 +16,10 @@ Endpoints:
   (B, K) output, ``top_k`` (softmax probabilities; ``?top_k=0`` turns it off).
 
 Bad requests get a 4xx with a one-line ``detail``: 400 unreadable body, 413 too
-large, 415 wrong content type, 422 wrong shape, dtype or values. Concurrent
+large (body, samples per request, image pixels per request), 415 wrong content
+type, 422 wrong shape, dtype or values; 503 when too many large bodies are being
+decoded. What one client can cost is bounded in :mod:`fxprune.serve_limits`
+(decoding pools, budgets, the request-head timeout). Concurrent
 requests are batched up to ``max_batch`` samples by one asyncio queue feeding one
 model thread: whatever is queued while the model runs becomes the next batch.
 SIGTERM (and Ctrl-C) finish the requests in flight and exit with status 0.
@@ -178,7 +181,7 @@ def _load_torchscript(path: Path) -> tuple[Any, dict[str, Any]]:
         raise ExportError(f"{path} is not a loadable TorchScript file: {describe(err)}") from None
     raw = extra[METADATA_NAME]
     raw = raw.decode() if isinstance(raw, bytes) else raw
-    return module.eval(), json.loads(raw) if raw else {}
+    return module.eval(), _metadata(path, raw)
 
 
 def _load_pt2(path: Path) -> tuple[Any, dict[str, Any]]:
@@ -187,7 +190,18 @@ def _load_pt2(path: Path) -> tuple[Any, dict[str, Any]]:
         program = torch.export.load(str(path), extra_files=extra)
     except Exception as err:
         raise ExportError(f"{path} is not a loadable torch.export file: {describe(err)}") from None
-    return program.module(), json.loads(extra[METADATA_NAME] or "{}")
+    return program.module(), _metadata(path, extra[METADATA_NAME])
+
+
+def _metadata(path: Path, raw: str | bytes) -> dict[str, Any]:
+    """The embedded fxprune.json as a dict ({} when absent), or a one-line ExportError."""
+    try:
+        metadata = json.loads(raw) if raw else {}
+    except (ValueError, RecursionError) as err:
+        raise ExportError(f"{path}: its {METADATA_NAME} is not valid JSON: {describe(err)}") from None
+    if not isinstance(metadata, dict):
+        raise ExportError(f"{path}: its {METADATA_NAME} is not a JSON object")
+    return metadata
 
 
 def _probe_fixed_batch(artifact: Artifact) -> int | None:
