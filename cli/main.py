@@ -174,12 +174,12 @@ def compile_cmd(
         int, typer.Option("--min-width", help="Keep at least N channels in every layer")
     ] = 1,
     min_keep: Annotated[
-        float,
+        float | None,
         typer.Option(
             help="--threshold/--sparsity leave every channel group at least this "
-            "fraction of its channels, and at least one (0: no floor)"
+            "fraction of its channels, and at least one (default 0.1; 0: no floor)"
         ),
-    ] = 0.1,
+    ] = None,
     allow_constant: Annotated[
         bool,
         typer.Option(
@@ -199,7 +199,8 @@ def compile_cmd(
         submodule=submodule, threshold=threshold, sparsity=sparsity, absorb=absorb,
         emit_py=emit_py, save_checkpoint=save_checkpoint, report_json=report,
         trust_pickle=trust_pickle, force=force, verify=verify, fuse=fuse, round_to=round_to,
-        min_width=min_width, min_keep=min_keep, allow_constant=allow_constant,
+        min_width=min_width, allow_constant=allow_constant,
+        **({} if min_keep is None else {"min_keep": min_keep}),
     )  # fmt: skip
     outcome = compile_source(config, progress=lambda msg: err(f"[fxprune] {msg}"))
     result = outcome.result
