@@ -47,7 +47,6 @@ from fxprune.export import (
 from fxprune.files import check_target
 from fxprune.load import Loaded, checkpoint_dict, load_source, save_checkpoint
 from fxprune.report import ModelCounts, count_model, layer_table
-from fxprune.sparsify import DEFAULT_MIN_KEEP
 from fxprune.trace import Traced, trace_model
 from fxprune.verify import TOLERANCE, check_tolerance, relative_error, run_model, verify_equal
 

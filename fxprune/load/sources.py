@@ -377,12 +377,15 @@ def module_from_code(code: str, origin: str) -> nn.Module:
 __all__ = [
     "CHECKPOINT_FORMAT",
     "Loaded",
+    "MAX_EXAMPLE_ELEMENTS",
     "apply_state_dict",
     "check_generated_code",
+    "check_input_shape",
     "checkpoint_dict",
     "load_source",
     "load_state_dict_file",
     "module_from_code",
     "parse_input_shape",
     "save_checkpoint",
+    "unused_aux_keys",
 ]

@@ -18,7 +18,7 @@ Endpoints:
 Bad requests get a 4xx with a one-line ``detail``: 400 unreadable body, 413 too
 large (body, samples per request, image pixels per request), 415 wrong content
 type, 422 wrong shape, dtype or values; 503 when too many large bodies are being
-decoded. What one client can cost is bounded in :mod:`fxprune.serve_limits`
+decoded. What one client can cost is bounded in :mod:`fxprune.serve.limits`
 (decoding pools, budgets, the request-head timeout). Concurrent
 requests are batched up to ``max_batch`` samples by one asyncio queue feeding one
 model thread: whatever is queued while the model runs becomes the next batch.
@@ -29,11 +29,8 @@ SIGTERM (and Ctrl-C) finish the requests in flight and exit with status 0.
 # (Request, Query) at runtime, and they are imported inside create_app.
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import importlib.util
-import io
 import json
 import os
 import signal
@@ -52,18 +49,19 @@ from fxprune.export import METADATA_NAME
 from fxprune.export.metadata import quiet_torch
 from fxprune.load import check_input_shape
 from fxprune.serve import limits
-from fxprune.serve.limits import (
-    LIGHT_BODY_BYTES,
-    MAX_REQUEST_PIXELS,
-    DecodePools,
-    Overloaded,
-    npy_header,
+from fxprune.serve.decode import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NPY_TYPES,
+    RequestError,
+    check_input,
+    decode_body,
+    decode_image,
+    decode_request,
 )
+from fxprune.serve.limits import DecodePools
 from fxprune.verify import flatten_outputs
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-NPY_TYPES = ("application/octet-stream", "application/x-npy")
 ENV_CONFIG = "FXPRUNE_SERVE_CONFIG"  # how uvicorn worker processes get the config
 
 
@@ -102,14 +100,6 @@ class ServeConfig:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 2**20)
-
-
-class RequestError(Exception):
-    """A client mistake: becomes an HTTP ``status`` with ``message`` as the detail."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 def require_serve_extra() -> None:
@@ -198,7 +188,9 @@ def _metadata(path: Path, raw: str | bytes) -> dict[str, Any]:
     try:
         metadata = json.loads(raw) if raw else {}
     except (ValueError, RecursionError) as err:
-        raise ExportError(f"{path}: its {METADATA_NAME} is not valid JSON: {describe(err)}") from None
+        raise ExportError(
+            f"{path}: its {METADATA_NAME} is not valid JSON: {describe(err)}"
+        ) from None
     if not isinstance(metadata, dict):
         raise ExportError(f"{path}: its {METADATA_NAME} is not a JSON object")
     return metadata
@@ -225,154 +217,6 @@ def _probe_fixed_batch(artifact: Artifact) -> int | None:
     except Exception:  # static shapes (torch.export, traced views): keep the exported batch
         same = False
     return None if same else artifact.input_shape[0]
-
-
-# --------------------------------------------------------------------------- request decoding
-
-
-@dataclass
-class ImageList:
-    """Base64 images of one request, decoded later in the heavy pool (`decode_images`)."""
-
-    items: list[Any]
-
-
-def decode_body(body: bytes, content_type: str, artifact: Artifact, max_samples: int = 64) -> Any:
-    """The request's input batch as float32 (B, C, H, W) — or, for ``{"image": ...}``,
-    an ImageList for `decode_images` — else RequestError."""
-    kind = content_type.split(";")[0].strip().lower()
-    if kind in NPY_TYPES:
-        return check_input(_read_npy(body, artifact, max_samples), artifact, max_samples)
-    if kind not in ("application/json", ""):
-        raise RequestError(415, f"unsupported Content-Type {kind!r}: send application/json "
-                                "or a .npy body as application/octet-stream")  # fmt: skip
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError) as err:
-        raise RequestError(400, f"body is not valid JSON: {describe(err)}") from None
-    if not isinstance(payload, dict) or len({"inputs", "image"} & payload.keys()) != 1:
-        raise RequestError(422, 'JSON body must be an object with "inputs" or "image"')
-    if "image" in payload:
-        images = payload["image"] if isinstance(payload["image"], list) else [payload["image"]]
-        if not images:
-            raise RequestError(422, '"image" is an empty list: send at least one image')
-        if len(images) > max_samples:
-            raise RequestError(413, f"{len(images)} images in one request: at most "
-                                    f"{max_samples} (--max-samples)")  # fmt: skip
-        return ImageList(images)
-    return check_input(_numeric(payload["inputs"]), artifact, max_samples)
-
-
-def _numeric(value: Any) -> np.ndarray:
-    try:
-        array = np.asarray(value)
-    except (ValueError, OverflowError) as err:  # ragged nesting
-        raise RequestError(422, f'"inputs" is not a rectangular array: {describe(err)}') from None
-    if array.dtype.kind not in "iuf":
-        raise RequestError(422, '"inputs" must be nested lists of numbers')
-    return array
-
-
-def _read_npy(body: bytes, artifact: Artifact, max_samples: int) -> np.ndarray:
-    if not body.startswith(b"\x93NUMPY"):
-        raise RequestError(400, "body is not a .npy file (numpy.save format)")
-    try:  # the header is checked against the body before any data is read
-        shape, dtype, _offset = npy_header(body)
-    except TypeError:
-        raise RequestError(422, ".npy holds Python objects: send a numeric array") from None
-    except ValueError as err:
-        raise RequestError(400, f"body is not a .npy array: {describe(err)}") from None
-    if dtype.kind not in "iuf":
-        raise RequestError(422, f".npy dtype {dtype} is not numeric (send float32)")
-    _check_samples(shape, artifact, max_samples)
-    try:
-        return np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise RequestError(400, f"body is not a .npy array: {describe(err)}") from None
-
-
-def _check_samples(shape: tuple[int, ...], artifact: Artifact, max_samples: int) -> None:
-    """413 for a batch larger than the per-request sample budget (checked on the shape)."""
-    samples = shape[0] if len(shape) == len(artifact.sample_shape) + 1 else 1
-    if samples > max_samples:
-        raise RequestError(413, f"{samples} samples in one request: at most {max_samples} "
-                                "(--max-samples)")  # fmt: skip
-
-
-def check_input(array: np.ndarray, artifact: Artifact, max_samples: int = 64) -> np.ndarray:
-    """Add the batch axis to one sample; refuse wrong shapes, too many samples and
-    non-finite values."""
-    sample = artifact.sample_shape
-    _check_samples(array.shape, artifact, max_samples)
-    if array.ndim == len(sample):
-        array = array[None]
-    if array.ndim != len(sample) + 1 or tuple(array.shape[1:]) != sample or not len(array):
-        expected = ", ".join(map(str, sample))
-        raise RequestError(
-            422, f"input has shape {tuple(array.shape)}, expected ({expected}) or (B, {expected})"
-        )
-    fixed = artifact.fixed_batch
-    if fixed and len(array) % fixed:
-        raise RequestError(422, f"this artifact has a static batch of {fixed}: send a multiple")
-    array = array.astype(np.float32)
-    if not np.isfinite(array).all():
-        raise RequestError(422, "input contains NaN or infinity")
-    return array
-
-
-def decode_images(items: list[Any], artifact: Artifact) -> np.ndarray:
-    """Base64 PNG/JPEG images as a preprocessed (B, C, H, W) float32 batch. Every header
-    is read (and the request's pixel budget checked) before any image is decoded."""
-    channels = (artifact.sample_shape + (0,))[0]
-    if len(artifact.sample_shape) != 3 or channels not in (1, 3):
-        raise RequestError(422, f"images need a (1|3, H, W) input, not {artifact.sample_shape}")
-    images = [_open_image(item) for item in items]
-    pixels = sum(image.width * image.height for image in images)
-    if pixels > MAX_REQUEST_PIXELS:
-        raise RequestError(413, f"the request's images hold {pixels:,} pixels: at most "
-                                f"{MAX_REQUEST_PIXELS:,} per request")  # fmt: skip
-    return np.stack([_preprocess(image, artifact) for image in images])
-
-
-def decode_image(data: Any, artifact: Artifact) -> np.ndarray:
-    """One base64 PNG/JPEG as a preprocessed (C, H, W) float32 sample."""
-    return decode_images([data], artifact)[0]
-
-
-def _open_image(data: Any) -> Any:
-    """The image's header only (PIL opens lazily), with PIL's own bomb limit set first."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not isinstance(data, str):
-        raise RequestError(422, '"image" must be a base64 string (or a list of them)')
-    Image.MAX_IMAGE_PIXELS = MAX_REQUEST_PIXELS  # PIL refuses 2x this in open()
-    try:
-        raw = base64.b64decode(data.split(",")[-1], validate=True)  # allow a data: URL prefix
-        image = Image.open(io.BytesIO(raw))
-    except (binascii.Error, ValueError) as err:
-        raise RequestError(400, f'"image" is not valid base64: {describe(err)}') from None
-    except Image.DecompressionBombError as err:
-        raise RequestError(413, f'"image" is too large: {describe(err)}') from None
-    except (UnidentifiedImageError, OSError):
-        raise RequestError(422, '"image" is not a PNG or JPEG image') from None
-    if image.format not in ("PNG", "JPEG"):
-        raise RequestError(422, f'"image" is {image.format}: send PNG or JPEG')
-    return image
-
-
-def _preprocess(image: Any, artifact: Artifact) -> np.ndarray:
-    from PIL import Image
-
-    channels, height, width = artifact.sample_shape
-    try:
-        image = image.convert("RGB" if channels == 3 else "L")
-        image = image.resize((width, height), Image.Resampling.BILINEAR)
-    except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt image data
-        raise RequestError(422, f'"image" could not be decoded: {describe(err)}') from None
-    pixels = np.asarray(image, dtype=np.float32).reshape(height, width, channels) / 255.0
-    mean = np.asarray(artifact.mean, dtype=np.float32)[:channels]
-    std = np.asarray(artifact.std, dtype=np.float32)[:channels]
-    return ((pixels - mean) / std).transpose(2, 0, 1).copy()
 
 
 # --------------------------------------------------------------------------- batching
@@ -557,7 +401,9 @@ def create_app(artifact: Artifact, config: ServeConfig) -> Any:
     ) -> JSONResponse:
         body = await read_body(request, config.max_body_bytes)
         content_type = request.headers.get("content-type", "")
-        array = await _decode(app.state.pools, body, content_type, artifact, config.max_samples)
+        array = await decode_request(
+            app.state.pools, body, content_type, artifact, config.max_samples
+        )
         try:
             outputs = await app.state.batcher.predict(torch.from_numpy(array))
         except RuntimeError as err:
@@ -566,27 +412,6 @@ def create_app(artifact: Artifact, config: ServeConfig) -> Any:
         return JSONResponse(answer)
 
     return app
-
-
-async def _decode(
-    pools: DecodePools, body: bytes, content_type: str, artifact: Artifact, max_samples: int
-) -> np.ndarray:
-    """Decode in fxprune's own pools (a large body or any image in the heavy one). Every
-    failure of a malformed body is a 4xx: anything unforeseen becomes a 400 naming it."""
-    try:
-        parsed = await pools.run(len(body) > LIGHT_BODY_BYTES, decode_body, body,
-                                 content_type, artifact, max_samples)  # fmt: skip
-        if isinstance(parsed, ImageList):
-            parsed = await pools.run(True, decode_images, parsed.items, artifact)
-        return parsed
-    except RequestError:
-        raise
-    except Overloaded as err:
-        raise RequestError(503, str(err)) from None
-    except MemoryError:
-        raise RequestError(413, "the request needs more memory than the server has") from None
-    except Exception as err:  # a decoder failing in a way not foreseen above: still the body's
-        raise RequestError(400, f"body could not be decoded: {describe(err)}") from None
 
 
 def app_from_env() -> Any:
@@ -669,7 +494,6 @@ __all__ = [
     "ENV_CONFIG",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "MAX_IMAGE_PIXELS",
     "NPY_TYPES",
     "RequestError",
     "ServeConfig",
