@@ -34,8 +34,8 @@ from fxprune.compile import (
     compile_model,
     dependence,
 )
-from fxprune.compile.fusions import fuse_for_deployment
 from fxprune.compile.dependence import probe_input
+from fxprune.compile.fusions import fuse_for_deployment
 from fxprune.errors import UsageError, VerificationError
 from fxprune.export import (
     ExportResult,
