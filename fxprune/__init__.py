@@ -12,4 +12,19 @@ __version__ = "0.1.0"
 
 from fxprune.errors import FxpruneError  # noqa: E402
 
-__all__ = ["FxpruneError", "__version__"]
+# The user-facing library calls, loaded on first use (importing fxprune stays cheap).
+_LAZY = {
+    "prune_": "fxprune.compile.in_place",
+    "PruneReport": "fxprune.compile.in_place",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fxprune' has no attribute {name!r}")
+
+
+__all__ = ["FxpruneError", "PruneReport", "__version__", "prune_"]

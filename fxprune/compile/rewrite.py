@@ -23,6 +23,7 @@ from fxprune.compile.liveness import (
     per_row_inputs,
     zero_padded,
 )
+from fxprune.errors import CompileError
 from fxprune.modules import BorderTerm
 
 
@@ -63,10 +64,19 @@ def border_pad(conv: nn.Module) -> list[int]:
 
 
 class Rewriter:
-    """Applies one removal decision to a GraphModule."""
+    """Applies one removal decision to a GraphModule.
 
-    def __init__(self, gm, analysis, liveness, removed: np.ndarray, absorb: str) -> None:
+    With `graph_edits=False` (the in-place back end) only modules are sliced
+    and constants folded into biases and running means: the graph itself (the
+    user's Python code) is left as it is, so the removal plan must not need a
+    border term, a constant branch or a changed literal argument.
+    """
+
+    def __init__(
+        self, gm, analysis, liveness, removed: np.ndarray, absorb: str, graph_edits: bool = True
+    ) -> None:
         self.gm, self.analysis, self.live, self.absorb = gm, analysis, liveness, absorb
+        self.graph_edits = graph_edits
         self.modules = dict(gm.named_modules())
         self.notes: list[str] = []
         self.removed = removed
@@ -83,7 +93,7 @@ class Rewriter:
 
     def apply(self) -> None:
         nodes = list(channel_nodes(self.gm))
-        for node in nodes:
+        for node in nodes if self.graph_edits else ():
             self.prune_constant_operands(node)
         for node in nodes:
             rule = node.meta["channel_rule"]
@@ -91,7 +101,7 @@ class Rewriter:
                 self.rewrite_conv(node)
             elif node.op == "call_module" and rule == "bn":
                 self.rewrite_bn(node)
-            elif node.op in ("call_function", "call_method"):
+            elif node.op in ("call_function", "call_method") and self.graph_edits:
                 self.rewrite_args(node)
 
     # -- layer pruning -----------------------------------------------------
@@ -183,6 +193,8 @@ class Rewriter:
             old = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bias)
             conv.bias = _param(old.double() + bias, conv.weight)
             return
+        if not self.graph_edits:
+            raise CompileError(f"{node.target}: a border term is needed but the graph is fixed")
         kernel = delta.unsqueeze(1).to(conv.weight.dtype)  # (out, 1, *k)
         border = BorderTerm(kernel, conv.stride, border_pad(conv), conv.dilation)
         name = f"{node.target.replace('.', '_')}_border"
