@@ -1,0 +1,151 @@
+"""In-place pruning (`fxprune.prune_`): the user's own model, narrower, same classes,
+same function (checked with real forward passes), still trainable."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from helpers import params
+from torch import nn
+
+import fxprune
+from fxprune.analysis import analyse
+from fxprune.compile import in_place
+from fxprune.compile.in_place_plan import LITERAL_REASON
+from fxprune.errors import VerificationError
+from fxprune.testing import randomize_batchnorm, zero_random
+from fxprune.trace import trace_model
+from fxprune.verify import TOLERANCE, relative_error, run_model
+
+
+def zero_half(model: nn.Module, x: torch.Tensor, seed: int = 0) -> int:
+    """Random BN statistics, then γ = 0 on half of every prunable group, in `model` itself."""
+    randomize_batchnorm(model, seed)
+    traced = trace_model(model, x)
+    analyse(traced.gm)
+    count = zero_random(traced.gm, 0.5, seed)
+    model.load_state_dict(traced.gm.state_dict(), strict=False)
+    return count
+
+
+def prune_checked(model: nn.Module, shape: tuple[int, ...]):
+    """Zero half, prune in place, return (report, errors on two inputs, classes before)."""
+    x = torch.randn(shape)
+    zero_half(model, x)
+    original = copy.deepcopy(model)
+    classes = [type(m) for m in model.modules()]
+    report = fxprune.prune_(model, x)
+    errors = [
+        relative_error(run_model(original, i), run_model(model, i)) for i in (x, torch.randn(shape))
+    ]
+    assert [type(m) for m in model.modules()] == classes  # every class survives
+    return report, errors, original
+
+
+def one_training_step(model: nn.Module, shape: tuple[int, ...]) -> None:
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    out = model(torch.randn(shape))
+    loss = nn.functional.cross_entropy(out, torch.zeros(shape[0], dtype=torch.long))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_torchvision_models_prune_in_place_exactly(name):
+    model = getattr(torchvision.models, name)(num_classes=10)
+    kind = type(model)
+    report, errors, original = prune_checked(model, (2, 3, 32, 32))
+    assert max(errors) <= TOLERANCE, errors
+    assert type(model) is kind
+    assert report.removed_classes > 0 and report.layers
+    assert params(model) < params(original) and report.params_after == params(model)
+    one_training_step(model, (2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("name", ["resnet10t", "resnet18"])
+def test_timm_models_prune_in_place_exactly(name):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, pretrained=False, num_classes=10)
+    kind = type(model)
+    report, errors, original = prune_checked(model, (2, 3, 32, 32))
+    assert max(errors) <= TOLERANCE, errors
+    assert type(model) is kind and report.removed_classes > 0
+    assert params(model) < params(original)
+    one_training_step(model, (2, 3, 32, 32))
+
+
+def cbr(cin: int, cout: int, k: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+    )
+
+
+class LiteralSplit(nn.Module):
+    """YOLO-style: `split((self.c, self.c), 1)` has its width written in the code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = 8
+        self.cv1, self.cv2, self.head = cbr(3, 16), cbr(8, 8), cbr(16, 4)
+        self.other = cbr(3, 8)
+
+    def forward(self, x):
+        a, b = self.cv1(x).split((self.c, self.c), 1)
+        return self.head(torch.cat([a + self.other(x), self.cv2(b)], 1))
+
+
+class Chunked(nn.Module):
+    """`chunk(2, 1)` adapts to the width: kept balanced instead of frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cv1, self.cv2, self.head = cbr(3, 16), cbr(8, 8), cbr(16, 4)
+
+    def forward(self, x):
+        a, b = self.cv1(x).chunk(2, 1)
+        return self.head(torch.cat([a, self.cv2(b)], 1))
+
+
+def test_literal_split_width_is_frozen_with_the_reason():
+    model = LiteralSplit()
+    report, errors, _ = prune_checked(model, (2, 3, 8, 8))
+    assert max(errors) <= TOLERANCE
+    reasons = [why for why in report.frozen if LITERAL_REASON in why]
+    assert reasons and report.frozen[reasons[0]] >= 16, report.frozen
+    assert model.cv1[0].out_channels == 16  # the literal split still gets (8, 8)
+    assert model.cv2[0].out_channels < 8  # a channel the split does not reach was pruned
+
+
+def test_chunk_is_kept_balanced():
+    model = Chunked()
+    report, errors, _ = prune_checked(model, (2, 3, 8, 8))
+    assert max(errors) <= TOLERANCE
+    assert not any(LITERAL_REASON in why for why in report.frozen)
+    assert model.cv1[0].out_channels % 2 == 0 and model.cv1[0].out_channels < 16
+
+
+def test_failed_verification_leaves_the_model_untouched(monkeypatch):
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(1, 3, 32, 32)
+    zero_half(model, x)
+    state = copy.deepcopy(model.state_dict())
+    monkeypatch.setattr(in_place, "verify_equal", lambda *args: float("nan"))
+    with pytest.raises(VerificationError, match="not modified"):
+        fxprune.prune_(model, x)
+    after = model.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state)
+
+
+def test_threshold_zeroes_then_prunes_and_reports_the_drift():
+    model = torchvision.models.resnet18(num_classes=10)
+    randomize_batchnorm(model)
+    x = torch.randn(1, 3, 32, 32)
+    report = fxprune.prune_(model, x, threshold=0.9)  # γ ~ U(0.75, 1.25): about a third go
+    assert report.zeroed > 0 and report.removed_classes > 0
+    assert report.drift is not None and report.drift > 0
+    assert report.max_error <= TOLERANCE
