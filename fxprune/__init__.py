@@ -16,6 +16,10 @@ from fxprune.errors import FxpruneError  # noqa: E402
 _LAZY = {
     "prune_": "fxprune.compile.in_place",
     "PruneReport": "fxprune.compile.in_place",
+    "ista_for": "fxprune.train.in_loop",
+    "Ista": "fxprune.train.in_loop",
+    "IstaOptimizer": "fxprune.train.ista",
+    "Monitor": "fxprune.train.ista",
 }
 
 
@@ -27,4 +31,13 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'fxprune' has no attribute {name!r}")
 
 
-__all__ = ["FxpruneError", "PruneReport", "__version__", "prune_"]
+__all__ = [
+    "FxpruneError",
+    "Ista",
+    "IstaOptimizer",
+    "Monitor",
+    "PruneReport",
+    "__version__",
+    "ista_for",
+    "prune_",
+]

@@ -1,0 +1,50 @@
+"""The worked examples of examples/ run here (fast variants) and do what they say."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxprune
+from fxprune.verify import TOLERANCE
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_timm_example_trains_with_ista_prunes_in_place_and_trains_on():
+    timm = pytest.importorskip("timm")
+    result = load_example("timm_in_place").main("resnet18", size=32, steps=12)
+    model, report = result["model"], result["report"]
+    assert isinstance(model, timm.models.resnet.ResNet)
+    assert report.removed_classes > 0 and report.params_after < report.params_before
+    assert result["error"] <= TOLERANCE and report.max_error <= TOLERANCE
+    assert torch.isfinite(torch.tensor(result["loss"]))
+
+
+def test_ista_for_wraps_the_users_optimizer_and_makes_exact_zeros():
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1),
+                          nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))  # fmt: skip
+    x = torch.randn(2, 3, 8, 8)
+    model(x)  # materialise the lazy layer
+    ista = fxprune.ista_for(model, x, rho=10.0)
+    assert {t.module for t in ista.targets} == {"1", "4"}
+    optimizer = ista.wrap(torch.optim.SGD(ista.param_groups(weight_decay=1e-4), lr=0.1))
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    assert ista.sparsity() > 0 and ista.lasso() >= 0
+    with pytest.raises(fxprune.FxpruneError, match="weight_decay"):
+        ista.wrap(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-4))
