@@ -25,14 +25,14 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(BIN)/ruff check fxprune cli zoo tests benchmarks
-	$(BIN)/ruff format --check fxprune cli zoo tests benchmarks
+	$(BIN)/ruff check fxprune cli zoo tests benchmarks examples
+	$(BIN)/ruff format --check fxprune cli zoo tests benchmarks examples
 	# the stage layers (pyproject.toml [tool.importlinter]): no stage imports a later one
 	LINT_IMPORTS=$(abspath $(BIN))/lint-imports .ci/lint-imports
 
 format: $(STAMP)
-	$(BIN)/ruff format fxprune cli zoo tests benchmarks
-	$(BIN)/ruff check --fix fxprune cli zoo tests benchmarks
+	$(BIN)/ruff format fxprune cli zoo tests benchmarks examples
+	$(BIN)/ruff check --fix fxprune cli zoo tests benchmarks examples
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/compile_time.py

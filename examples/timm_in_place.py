@@ -25,7 +25,6 @@ import torch.nn.functional as F
 import fxprune
 from fxprune.verify import relative_error, run_model
 
-
 RHO = 1e-4  # ρ: strong enough that the deep layers reach zeros within a few dozen steps
 ALPHA = 0.05  # γ–W rescaling: γ start at 0.05 instead of 1
 
