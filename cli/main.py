@@ -312,7 +312,7 @@ def _register_optional_commands() -> None:
     """Command modules that register themselves on the app (train, deploy)."""
     import importlib
 
-    for name in ("train_cmd", "deploy_cmd"):
+    for name in ("train_cmd", "deploy_cmd", "prune_cmd"):
         try:
             module = importlib.import_module(f"fxprune.cli.{name}")
         except ModuleNotFoundError as exc:

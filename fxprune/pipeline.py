@@ -36,6 +36,8 @@ from fxprune.compile import (
 )
 from fxprune.compile.dependence import probe_input
 from fxprune.compile.fusions import fuse_for_deployment
+from fxprune.compile.in_place import PruneReport, prune_
+from fxprune.compile.in_place_save import save_pruned
 from fxprune.errors import UsageError, VerificationError
 from fxprune.export import (
     ExportResult,
@@ -356,7 +358,49 @@ def _compile_and_write(
     return outcome
 
 
-def _inputs(config: CompileConfig) -> list[Path]:
+@dataclass
+class PruneConfig:
+    """Everything `fxprune prune` can be asked to do: prune in place and save the
+    user's own model (its state_dict, or the whole pickled module if asked)."""
+
+    source: str
+    out: Path
+    weights: Path | None = None
+    input_shape: tuple[int, ...] | None = None
+    threshold: float | None = None
+    sparsity: float | None = None
+    whole_module: bool = False
+    trust_pickle: bool = False
+    force: bool = False
+    verify: int = 3
+    seed: int = 0
+
+
+def prune_source(config: PruneConfig, progress: Progress | None = None) -> PruneReport:
+    """load → prune in place (verified) → save (verified by loading it back)."""
+    say = progress or (lambda _msg: None)
+    if config.threshold is not None and config.sparsity is not None:
+        raise UsageError("give --threshold or --sparsity, not both")
+    protect = _inputs(config)
+    check_target(config.out, force=config.force, protect=protect)  # before any slow work
+
+    def load(weights: Path | None) -> Loaded:
+        return load_source(config.source, weights=weights, input_shape=config.input_shape,
+                           trust_pickle=config.trust_pickle, seed=config.seed)  # fmt: skip
+
+    say(f"loading {config.source}")
+    loaded = load(config.weights)
+    say(f"pruning in place and verifying on {config.verify} input(s)")
+    report = prune_(loaded.module, loaded.example, threshold=config.threshold,
+                    sparsity=config.sparsity, verify=config.verify, seed=config.seed)  # fmt: skip
+    say(f"writing {config.out} (verified by loading it back)")
+    save_pruned(loaded.module, config.out, example=loaded.example,
+                rebuild=lambda: load(None).module, whole_module=config.whole_module,
+                force=config.force, protect=protect)  # fmt: skip
+    return report
+
+
+def _inputs(config: CompileConfig | PruneConfig) -> list[Path]:
     paths = [Path(config.source)] if Path(config.source).exists() else []
     return paths + ([Path(config.weights)] if config.weights else [])
 
@@ -458,6 +502,7 @@ __all__ = [
     "Compiled",
     "EXPORT_FORMATS",
     "Progress",
+    "PruneConfig",
     "artifact_metadata",
     "compile_analysed",
     "compile_source",
@@ -467,5 +512,6 @@ __all__ = [
     "loaded_module",
     "open_module",
     "open_source",
+    "prune_source",
     "zero_channels",
 ]

@@ -149,3 +149,37 @@ def test_threshold_zeroes_then_prunes_and_reports_the_drift():
     assert report.zeroed > 0 and report.removed_classes > 0
     assert report.drift is not None and report.drift > 0
     assert report.max_error <= TOLERANCE
+
+
+def test_saved_state_dict_restores_into_a_fresh_base_model(tmp_path):
+    from fxprune.compile.in_place_save import load_pruned, save_pruned
+
+    model = torchvision.models.mobilenet_v2(num_classes=10)
+    x = torch.randn(1, 3, 32, 32)
+    zero_half(model, x)
+    fxprune.prune_(model, x)
+    path = save_pruned(model, tmp_path / "pruned.pt", example=x,
+                       rebuild=lambda: torchvision.models.mobilenet_v2(num_classes=10))  # fmt: skip
+    fresh = torchvision.models.mobilenet_v2(num_classes=10)
+    load_pruned(fresh, torch.load(path, weights_only=True))
+    assert relative_error(run_model(model, x), run_model(fresh, x)) <= TOLERANCE
+    assert params(fresh) == params(model) < params(torchvision.models.mobilenet_v2(num_classes=10))
+
+
+def test_prune_command_writes_a_verified_state_dict_and_refuses_to_overwrite(tmp_path):
+    from typer.testing import CliRunner
+
+    from fxprune.cli.main import app
+    from fxprune.compile.in_place_save import load_pruned
+    from fxprune.zoo import create_model
+
+    out = tmp_path / "small.pt"
+    args = ["prune", "zoo:resnet20", "--sparsity", "0.4", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "removed" in result.output and out.exists()
+    restored = create_model("resnet20")
+    load_pruned(restored, torch.load(out, weights_only=True))
+    assert params(restored) < params(create_model("resnet20"))
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code != 0 and "already exists" in str(again.exception)
