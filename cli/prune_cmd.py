@@ -30,6 +30,13 @@ def prune_command(
     sparsity: Annotated[
         float | None, typer.Option(help="Zero this fraction of channels (smallest |γ|·cost)")
     ] = None,
+    border: Annotated[
+        str,
+        typer.Option(
+            help="keep: keep constant channels a padded conv reads (no class changes); "
+            "wrap: remove them, wrapping that conv with its exact border term"
+        ),
+    ] = "keep",
     whole_module: Annotated[
         bool,
         typer.Option(
@@ -51,7 +58,7 @@ def prune_command(
 
     config = PruneConfig(
         source=source, out=out, weights=weights, input_shape=parse_input_shape(input_shape),
-        threshold=threshold, sparsity=sparsity, whole_module=whole_module,
+        threshold=threshold, sparsity=sparsity, border=border, whole_module=whole_module,
         trust_pickle=trust_pickle, force=force, verify=verify,
     )  # fmt: skip
     report = prune_source(config, progress=lambda msg: typer.echo(f"[fxprune] {msg}", err=True))

@@ -37,4 +37,18 @@ class BorderTerm(nn.Module):
         return F.conv3d(ones, self.kernel, None, self.stride, 0, self.dilation)
 
 
-__all__ = ["BorderTerm"]
+class ConvWithBorder(nn.Module):
+    """A user's conv, pruned in place, plus the border term of the constant input
+    channels it no longer reads (`fxprune.prune_(..., border="wrap")`). The conv
+    keeps its own class; this wrapper takes its place in the parent module."""
+
+    def __init__(self, conv: nn.Module, border: BorderTerm) -> None:
+        super().__init__()
+        self.conv = conv
+        self.border = border
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.border(x)
+
+
+__all__ = ["BorderTerm", "ConvWithBorder"]

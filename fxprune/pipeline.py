@@ -36,7 +36,7 @@ from fxprune.compile import (
 )
 from fxprune.compile.dependence import probe_input
 from fxprune.compile.fusions import fuse_for_deployment
-from fxprune.compile.in_place import PruneReport, prune_
+from fxprune.compile.in_place import BORDER_MODES, PruneReport, prune_
 from fxprune.compile.in_place_save import save_pruned
 from fxprune.errors import UsageError, VerificationError
 from fxprune.export import (
@@ -369,18 +369,25 @@ class PruneConfig:
     input_shape: tuple[int, ...] | None = None
     threshold: float | None = None
     sparsity: float | None = None
+    border: str = "keep"
     whole_module: bool = False
     trust_pickle: bool = False
     force: bool = False
     verify: int = 3
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.threshold is not None and self.sparsity is not None:
+            raise UsageError("give --threshold or --sparsity, not both")
+        if self.border not in BORDER_MODES:
+            raise UsageError(
+                f"--border must be one of {', '.join(BORDER_MODES)}, not {self.border!r}"
+            )
+
 
 def prune_source(config: PruneConfig, progress: Progress | None = None) -> PruneReport:
     """load → prune in place (verified) → save (verified by loading it back)."""
     say = progress or (lambda _msg: None)
-    if config.threshold is not None and config.sparsity is not None:
-        raise UsageError("give --threshold or --sparsity, not both")
     protect = _inputs(config)
     check_target(config.out, force=config.force, protect=protect)  # before any slow work
 
@@ -392,7 +399,8 @@ def prune_source(config: PruneConfig, progress: Progress | None = None) -> Prune
     loaded = load(config.weights)
     say(f"pruning in place and verifying on {config.verify} input(s)")
     report = prune_(loaded.module, loaded.example, threshold=config.threshold,
-                    sparsity=config.sparsity, verify=config.verify, seed=config.seed)  # fmt: skip
+                    sparsity=config.sparsity, border=config.border, verify=config.verify,
+                    seed=config.seed)  # fmt: skip
     say(f"writing {config.out} (verified by loading it back)")
     save_pruned(loaded.module, config.out, example=loaded.example,
                 rebuild=lambda: load(None).module, whole_module=config.whole_module,

@@ -183,3 +183,30 @@ def test_prune_command_writes_a_verified_state_dict_and_refuses_to_overwrite(tmp
     assert params(restored) < params(create_model("resnet20"))
     again = CliRunner().invoke(app, args)
     assert again.exit_code != 0 and "already exists" in str(again.exception)
+
+
+def test_border_wrap_removes_what_the_compiler_removes_and_restores_from_data(tmp_path):
+    from fxprune.compile import compile_model
+    from fxprune.compile.in_place_save import load_pruned, save_pruned
+    from fxprune.modules import ConvWithBorder
+
+    def build():
+        return torchvision.models.resnet18(num_classes=10)
+
+    model, x = build(), torch.randn(2, 3, 32, 32)
+    zero_half(model, x)
+    original = copy.deepcopy(model)
+    traced = trace_model(model, x)
+    analyse(traced.gm)
+    compiled = compile_model(traced).removed_classes
+    kept = fxprune.prune_(copy.deepcopy(model), x)  # default: border="keep"
+    report = fxprune.prune_(model, x, border="wrap")
+    assert kept.removed_classes < report.removed_classes == compiled
+    assert isinstance(model.layer1[0].conv2, ConvWithBorder)
+    assert type(model.layer1[0].conv2.conv) is nn.Conv2d
+    assert relative_error(run_model(original, x), run_model(model, x)) <= TOLERANCE
+    path = save_pruned(model, tmp_path / "wrapped.pt", example=x, rebuild=build)
+    fresh = build()
+    load_pruned(fresh, torch.load(path, weights_only=True))
+    assert relative_error(run_model(model, x), run_model(fresh, x)) <= TOLERANCE
+    one_training_step(model, (2, 3, 32, 32))

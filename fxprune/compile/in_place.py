@@ -30,13 +30,15 @@ from fxprune.compile.in_place_plan import LITERAL_REASON, freeze_literal_widths,
 from fxprune.compile.liveness import find_liveness
 from fxprune.compile.rewrite import Rewriter
 from fxprune.compile.zeroing import apply_sparsity, apply_threshold
-from fxprune.errors import VerificationError
+from fxprune.errors import UsageError, VerificationError
+from fxprune.modules import BorderTerm, ConvWithBorder
 from fxprune.trace import trace_model
 from fxprune.verify import TOLERANCE, relative_error, run_model, verify_equal
 
 _TENSORS = ("weight", "bias", "running_mean", "running_var")
 _WIDTHS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features")
 _LAYER_RULES = ("conv", "grouped", "depthwise", "bn")
+BORDER_MODES = ("keep", "wrap")
 
 
 @dataclass
@@ -105,6 +107,7 @@ def prune_(
     *,
     threshold: float | None = None,
     sparsity: float | None = None,
+    border: str = "keep",
     verify: int = 3,
     seed: int = 0,
 ) -> PruneReport:
@@ -116,7 +119,15 @@ def prune_(
     the zeroed model, when `threshold`/`sparsity` zeroed channels) within
     TOLERANCE on `example` and `verify - 1` random inputs of its shape;
     otherwise VerificationError is raised and `model` is not modified.
+
+    A removed constant channel read by a zero-padded conv changes the conv's
+    output at the border. `border="keep"` (default) keeps such channels, so no
+    module changes class; `border="wrap"` removes them and puts the conv in a
+    `fxprune.modules.ConvWithBorder` (the conv plus its exact border term) in
+    its parent module.
     """
+    if border not in BORDER_MODES:
+        raise UsageError(f"border must be one of {', '.join(BORDER_MODES)}, not {border!r}")
     traced = trace_model(model, example)
     gm = traced.gm
     analysis = analyse(gm)
@@ -128,11 +139,12 @@ def prune_(
         work.load_state_dict(zeroed_state, strict=False)
     reference = copy.deepcopy(work) if zeroed else model
     live = find_liveness(gm, example)
-    removed, notes = in_place_plan(gm, analysis, live)
-    changed = _rewrite(gm, analysis, live, removed)
+    removed, notes = in_place_plan(gm, analysis, live, borders=border == "wrap")
+    changed, borders = _rewrite(gm, analysis, live, removed)
     before = {path: _widths(work.get_submodule(path)) for path in changed}
     for path, module in changed.items():
         transplant(module, work.get_submodule(path))
+    wrap_borders(work, borders)
     error = verify_equal(reference, work, example, verify, seed)
     if not error <= TOLERANCE:
         raise VerificationError(
@@ -150,6 +162,8 @@ def prune_(
                     _widths(model.get_submodule(path)))
         for path in changed
     ]  # fmt: skip
+    wrap_borders(model, borders)
+    notes += [f"{path}: wrapped with its exact border term (ConvWithBorder)" for path in borders]
     return PruneReport(
         layers, _frozen_counts(analysis), int(removed.sum()), analysis.num_classes,
         params_before, _params(model), error, zeroed, drift, notes,
@@ -164,18 +178,30 @@ def _zero(gm: fx.GraphModule, threshold: float | None, sparsity: float | None) -
     return 0
 
 
-def _rewrite(gm: fx.GraphModule, analysis: ChannelAnalysis, live, removed) -> dict:
-    """Slice the traced copy's layers; return {path: new module} for those that changed."""
+def _rewrite(gm: fx.GraphModule, analysis: ChannelAnalysis, live, removed) -> tuple[dict, dict]:
+    """Slice the traced copy's layers; return {path: new module} for those that
+    changed and {conv path: BorderTerm} for the convs that need one."""
     layer_paths = [
         n.target
         for n in gm.graph.nodes
         if n.op == "call_module" and n.meta.get("channel_rule") in _LAYER_RULES
     ]
     before = {p: _tensor_ids(gm.get_submodule(p)) for p in layer_paths}
-    Rewriter(gm, analysis, live, removed, "exact", graph_edits=False).apply()
-    return {
+    rewriter = Rewriter(gm, analysis, live, removed, "exact", graph_edits=False)
+    rewriter.apply()
+    changed = {
         p: gm.get_submodule(p) for p in layer_paths if _tensor_ids(gm.get_submodule(p)) != before[p]
     }
+    return changed, rewriter.borders
+
+
+def wrap_borders(model: nn.Module, borders: dict[str, BorderTerm]) -> None:
+    """Put each conv at a path of `borders` into a ConvWithBorder, in its parent."""
+    for path, border in borders.items():
+        parent_name, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        conv = getattr(parent, name)
+        setattr(parent, name, ConvWithBorder(conv, copy.deepcopy(border)))
 
 
 def _tensor_ids(module: nn.Module) -> tuple:
@@ -227,4 +253,12 @@ def _frozen_counts(analysis: ChannelAnalysis) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-__all__ = ["LITERAL_REASON", "LayerChange", "PruneReport", "prune_", "transplant"]
+__all__ = [
+    "BORDER_MODES",
+    "LITERAL_REASON",
+    "LayerChange",
+    "PruneReport",
+    "prune_",
+    "transplant",
+    "wrap_borders",
+]

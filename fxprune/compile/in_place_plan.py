@@ -11,7 +11,8 @@ change, so the plan is narrowed until nothing but module surgery is needed:
 - `chunk(n, 1)` is kept balanced (every piece loses as many channels), which
   is provably enough: `chunk(n)` of n·k channels gives pieces of k;
 - a removed constant channel read by a zero-padded conv would need a border
-  term: it is kept (the paper's bias fold would be inexact at the border).
+  term: it is kept (the paper's bias fold would be inexact at the border),
+  unless the caller wraps such convs (`borders=True`).
 
 Every narrowing only un-removes classes, so the loop reaches a fixed point.
 """
@@ -46,11 +47,12 @@ def keep_masks(gm: fx.GraphModule, analysis: ChannelAnalysis, removed: np.ndarra
 
 
 def in_place_plan(
-    gm: fx.GraphModule, analysis: ChannelAnalysis, live: Liveness
+    gm: fx.GraphModule, analysis: ChannelAnalysis, live: Liveness, *, borders: bool = False
 ) -> tuple[np.ndarray, list[str]]:
-    """Removed classes (bool mask) that module surgery alone can remove exactly,
-    and notes on what was kept. Classes frozen here are added to
-    `analysis.frozen` and their groups' `frozen` with the reason."""
+    """Removed classes (bool mask) that module surgery alone can remove exactly
+    (with `borders`, also those a padded conv needs a border term for), and notes
+    on what was kept. Classes frozen here are added to `analysis.frozen` and
+    their groups' `frozen` with the reason."""
     removed = removable_classes(gm, analysis, live)
     kept: list[str] = []
     for _ in range(len(removed) + 1):
@@ -60,7 +62,11 @@ def in_place_plan(
         for node in channel_nodes(gm):
             if node.op in ("call_function", "call_method"):
                 changed |= _literal_widths(node, keep, analysis, removed)
-            elif node.op == "call_module" and node.meta["channel_rule"] in ("conv", "grouped"):
+            elif (
+                not borders
+                and node.op == "call_module"
+                and node.meta["channel_rule"] in ("conv", "grouped")
+            ):
                 changed |= _border_inputs(gm, node, keep, live, analysis, removed, kept)
         if not changed:
             return removed, notes + kept

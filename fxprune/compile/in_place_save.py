@@ -21,9 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fxprune.compile.in_place import wrap_borders
+from fxprune.compile.rewrite import border_pad
 from fxprune.errors import CheckpointError, VerificationError
 from fxprune.files import atomic_write
 from fxprune.load import apply_state_dict
+from fxprune.modules import BorderTerm, ConvWithBorder
 from fxprune.verify import TOLERANCE, relative_error, run_model
 
 _PER_CHANNEL = ("bias", "running_mean", "running_var")
@@ -33,7 +36,9 @@ def load_pruned(
     model: nn.Module, state: dict[str, torch.Tensor], origin: str = "state_dict"
 ) -> None:
     """Narrow `model`'s Conv / Linear / BatchNorm layers to the shapes in `state`,
-    then load `state` strictly (CheckpointError naming the first bad key)."""
+    then load `state` strictly (CheckpointError naming the first bad key). A conv
+    saved with a border term (`PATH.border.kernel`) is wrapped in a ConvWithBorder."""
+    _wrap_saved_borders(model, state)
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         weight = state.get(f"{prefix}weight")
@@ -45,6 +50,20 @@ def load_pruned(
         if bias is not None and "bias" in module._parameters and module.bias is None:
             module.bias = nn.Parameter(torch.zeros_like(bias))  # a constant was absorbed
     apply_state_dict(model, state, origin)
+
+
+def _wrap_saved_borders(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    suffix = ".border.kernel"
+    borders = {}
+    for key, kernel in state.items():
+        path = key[: -len(suffix)]
+        if key.endswith(suffix) and not isinstance(model.get_submodule(path), ConvWithBorder):
+            conv = model.get_submodule(path)
+            if not isinstance(conv, nn.modules.conv._ConvNd):
+                raise CheckpointError(f"'{key}': {path} is not a conv in this model")
+            borders[path] = BorderTerm(torch.zeros_like(kernel), conv.stride, border_pad(conv),
+                                       conv.dilation)  # fmt: skip
+    wrap_borders(model, borders)
 
 
 def _narrow(module: nn.Module, shape: torch.Size, origin: str, name: str) -> None:

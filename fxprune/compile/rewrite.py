@@ -23,7 +23,6 @@ from fxprune.compile.liveness import (
     per_row_inputs,
     zero_padded,
 )
-from fxprune.errors import CompileError
 from fxprune.modules import BorderTerm
 
 
@@ -69,7 +68,8 @@ class Rewriter:
     With `graph_edits=False` (the in-place back end) only modules are sliced
     and constants folded into biases and running means: the graph itself (the
     user's Python code) is left as it is, so the removal plan must not need a
-    border term, a constant branch or a changed literal argument.
+    constant branch or a changed literal argument; border terms are collected in
+    `borders` for the caller to place.
     """
 
     def __init__(
@@ -77,6 +77,7 @@ class Rewriter:
     ) -> None:
         self.gm, self.analysis, self.live, self.absorb = gm, analysis, liveness, absorb
         self.graph_edits = graph_edits
+        self.borders: dict[str, BorderTerm] = {}  # without graph edits: conv path -> its term
         self.modules = dict(gm.named_modules())
         self.notes: list[str] = []
         self.removed = removed
@@ -193,10 +194,11 @@ class Rewriter:
             old = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bias)
             conv.bias = _param(old.double() + bias, conv.weight)
             return
-        if not self.graph_edits:
-            raise CompileError(f"{node.target}: a border term is needed but the graph is fixed")
         kernel = delta.unsqueeze(1).to(conv.weight.dtype)  # (out, 1, *k)
         border = BorderTerm(kernel, conv.stride, border_pad(conv), conv.dilation)
+        if not self.graph_edits:  # the caller puts it beside the user's conv
+            self.borders[node.target] = border
+            return
         name = f"{node.target.replace('.', '_')}_border"
         self.gm.add_submodule(name, border)
         graph = self.gm.graph
