@@ -48,3 +48,38 @@ def test_ista_for_wraps_the_users_optimizer_and_makes_exact_zeros():
     assert ista.sparsity() > 0 and ista.lasso() >= 0
     with pytest.raises(fxprune.FxpruneError, match="weight_decay"):
         ista.wrap(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-4))
+
+
+def needs_export_front_end():
+    """Ultralytics and Hugging Face models trace only through the torch.export front end."""
+    import fxprune.trace
+
+    if not hasattr(fxprune.trace, "export_graph"):
+        pytest.skip("needs the torch.export front end (issue 17, branch export)")
+
+
+def test_yolo_example_trains_prunes_trains_and_exports_with_ultralytics(tmp_path):
+    pytest.importorskip("ultralytics")
+    needs_export_front_end()
+    from ultralytics.nn.tasks import DetectionModel
+
+    result = load_example("yolo_in_place").main(size=64, steps=3, folder=tmp_path)
+    model, report = result["model"], result["report"]
+    assert type(model) is DetectionModel
+    assert report.removed_classes > 0 and report.params_after < result["params_before"]
+    assert result["error"] <= TOLERANCE and result["export_error"] <= TOLERANCE
+    assert torch.isfinite(torch.tensor(result["loss"]))
+    assert list(tmp_path.glob("*.torchscript"))
+
+
+def test_hf_example_fine_tunes_prunes_and_restores_from_data():
+    pytest.importorskip("transformers")
+    needs_export_front_end()
+    from transformers import PreTrainedModel, ResNetForImageClassification
+
+    result = load_example("hf_in_place").main(size=32, steps=8)
+    model, report = result["model"], result["report"]
+    assert type(model) is ResNetForImageClassification and isinstance(model, PreTrainedModel)
+    assert report.removed_classes > 0
+    assert result["error"] <= TOLERANCE and result["restore_error"] <= TOLERANCE
+    assert torch.isfinite(torch.tensor(result["loss"]))
