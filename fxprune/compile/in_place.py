@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
@@ -128,46 +129,73 @@ def prune_(
     """
     if border not in BORDER_MODES:
         raise UsageError(f"border must be one of {', '.join(BORDER_MODES)}, not {border!r}")
-    traced = trace_model(model, example)
-    gm = traced.gm
-    analysis = analyse(gm)
-    freeze_literal_widths(gm, analysis)
-    zeroed = _zero(gm, threshold, sparsity)
+    surgery = plan_surgery(model, example, threshold=threshold, sparsity=sparsity, border=border)
     work = copy.deepcopy(model)
-    if zeroed:
-        zeroed_state = {k: v.detach().clone() for k, v in gm.state_dict().items()}
-        work.load_state_dict(zeroed_state, strict=False)
-    reference = copy.deepcopy(work) if zeroed else model
-    live = find_liveness(gm, example)
-    removed, notes = in_place_plan(gm, analysis, live, borders=border == "wrap")
-    changed, borders = _rewrite(gm, analysis, live, removed)
-    before = {path: _widths(work.get_submodule(path)) for path in changed}
-    for path, module in changed.items():
-        transplant(module, work.get_submodule(path))
-    wrap_borders(work, borders)
+    surgery.apply(work)
+    reference = model
+    if surgery.zeroed:  # the reference is the zeroed, unpruned model
+        reference = copy.deepcopy(model)
+        reference.load_state_dict(surgery.zeroed_state, strict=False)
     error = verify_equal(reference, work, example, verify, seed)
     if not error <= TOLERANCE:
         raise VerificationError(
             f"in-place pruned model differs from the original by {error:.2e} "
             f"(> {TOLERANCE:g}); the model was not modified"
         )
+    drift = None
+    if surgery.zeroed:
+        drift = relative_error(run_model(model, example), run_model(reference, example))
     params_before = _params(model)
-    drift = relative_error(run_model(model, example), run_model(work, example)) if zeroed else None
-    if zeroed:
-        model.load_state_dict(zeroed_state, strict=False)
-    for path, module in changed.items():
-        transplant(module, model.get_submodule(path))
-    layers = [
-        LayerChange(path, type(model.get_submodule(path)).__name__, before[path],
-                    _widths(model.get_submodule(path)))
-        for path in changed
-    ]  # fmt: skip
-    wrap_borders(model, borders)
-    notes += [f"{path}: wrapped with its exact border term (ConvWithBorder)" for path in borders]
+    layers = surgery.apply(model)
     return PruneReport(
-        layers, _frozen_counts(analysis), int(removed.sum()), analysis.num_classes,
-        params_before, _params(model), error, zeroed, drift, notes,
+        layers, _frozen_counts(surgery.analysis), int(surgery.removed.sum()),
+        surgery.analysis.num_classes, params_before, _params(model), error, surgery.zeroed,
+        drift, surgery.notes,
     )  # fmt: skip
+
+
+@dataclass
+class Surgery:
+    """What to do to a model (or a deep copy of it): zeroed γ to load, sliced
+    modules to transplant by path, border terms to wrap around convs."""
+
+    analysis: ChannelAnalysis
+    removed: np.ndarray
+    changed: dict[str, nn.Module]
+    borders: dict[str, BorderTerm]
+    zeroed: int
+    zeroed_state: dict[str, torch.Tensor]
+    notes: list[str]
+
+    def apply(self, model: nn.Module) -> list[LayerChange]:
+        """Carry the surgery out on `model`; return the changed layers."""
+        if self.zeroed:
+            model.load_state_dict(self.zeroed_state, strict=False)
+        layers = []
+        for path, module in self.changed.items():
+            target = model.get_submodule(path)
+            before = _widths(target)
+            transplant(module, target)
+            layers.append(LayerChange(path, type(target).__name__, before, _widths(target)))
+        wrap_borders(model, self.borders)
+        return layers
+
+
+def plan_surgery(
+    model: nn.Module, example: torch.Tensor, *, threshold=None, sparsity=None, border="keep"
+) -> Surgery:
+    """Trace and analyse a deep copy of `model`, zero (threshold / sparsity), decide
+    what goes (`in_place_plan`) and slice the copy's layers (`Rewriter`)."""
+    gm = trace_model(model, example).gm
+    analysis = analyse(gm)
+    freeze_literal_widths(gm, analysis)
+    zeroed = _zero(gm, threshold, sparsity)
+    state = {k: v.detach().clone() for k, v in gm.state_dict().items()} if zeroed else {}
+    live = find_liveness(gm, example)
+    removed, notes = in_place_plan(gm, analysis, live, borders=border == "wrap")
+    changed, borders = _rewrite(gm, analysis, live, removed)
+    notes += [f"{path}: wrapped with its exact border term (ConvWithBorder)" for path in borders]
+    return Surgery(analysis, removed, changed, borders, zeroed, state, notes)
 
 
 def _zero(gm: fx.GraphModule, threshold: float | None, sparsity: float | None) -> int:
