@@ -210,3 +210,23 @@ def test_border_wrap_removes_what_the_compiler_removes_and_restores_from_data(tm
     load_pruned(fresh, torch.load(path, weights_only=True))
     assert relative_error(run_model(model, x), run_model(fresh, x)) <= TOLERANCE
     one_training_step(model, (2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "cspresnet50"])
+def test_timm_norm_act_models_prune_in_place_exactly(name):
+    """timm's BatchNormAct2d calls F.batch_norm: understood through the functional-layer
+    canonicalisation of the front end (issue 17). CSP blocks split with literal widths."""
+    timm = pytest.importorskip("timm")
+    import fxprune.trace
+
+    if not hasattr(fxprune.trace, "export_graph"):
+        pytest.skip("needs the front end's functional layers (issue 17, branch export)")
+    model = timm.create_model(name, pretrained=False, num_classes=10)
+    kind = type(model)
+    report, errors, original = prune_checked(model, (2, 3, 32, 32))
+    assert max(errors) <= TOLERANCE, errors
+    assert type(model) is kind and report.removed_classes > 0
+    assert params(model) < params(original)
+    if name.startswith("csp"):
+        assert any(".split()" in why and LITERAL_REASON in why for why in report.frozen)
+    one_training_step(model, (2, 3, 32, 32))
