@@ -31,7 +31,8 @@ import fxprune
 from fxprune.compile.in_place_save import load_pruned, save_pruned
 from fxprune.verify import relative_error, run_model
 
-RHO = 0.02  # ρ: strong enough for exact zeros within a few steps
+LR = 0.05
+SHRINK = 0.2  # the prox shrinks the median γ by this much per step (sets ρ)
 
 
 def config() -> ResNetConfig:
@@ -74,8 +75,9 @@ def main(size: int = 64, steps: int = 30) -> dict:
     model = ResNetForImageClassification(config())
     example = batch(size, n=2, gen=gen)[0]
 
-    ista = fxprune.ista_for(model, example, rho=RHO)
-    sgd = torch.optim.SGD(ista.param_groups(weight_decay=1e-4), lr=0.05, momentum=0.9)
+    ista = fxprune.ista_for(model, example, rho=0.0)
+    ista.step_rho(SHRINK, LR)  # a strong ρ, so that a few steps make exact zeros
+    sgd = torch.optim.SGD(ista.param_groups(weight_decay=1e-4), lr=LR, momentum=0.9)
     loss = train_steps(model, ista.wrap(sgd), steps, size, gen)
     print(f"{steps} ISTA steps: loss {loss:.3f}, γ sparsity {ista.sparsity():.1%}")
 
@@ -87,7 +89,7 @@ def main(size: int = 64, steps: int = 30) -> dict:
     print(f"still {type(model).__name__}; config hidden_sizes {model.config.hidden_sizes}; "
           f"max relative error {error:.1e}")  # fmt: skip
 
-    loss = train_steps(model, torch.optim.SGD(model.parameters(), lr=0.05), 1, size, gen)
+    loss = train_steps(model, torch.optim.SGD(model.parameters(), lr=LR), 1, size, gen)
     print(f"one more fine-tuning step: loss {loss:.3f}")
 
     path = Path(tempfile.mkdtemp(prefix="fxprune_hf_")) / "pruned.pt"

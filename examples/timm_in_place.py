@@ -25,7 +25,8 @@ import torch.nn.functional as F
 import fxprune
 from fxprune.verify import relative_error, run_model
 
-RHO = 1e-4  # ρ: strong enough that the deep layers reach zeros within a few dozen steps
+LR = 0.05
+SHRINK = 0.006  # the prox shrinks the median γ by this much per step (sets ρ)
 ALPHA = 0.05  # γ–W rescaling: γ start at 0.05 instead of 1
 
 
@@ -57,9 +58,10 @@ def main(name: str = "resnet18", size: int = 64, steps: int = 40) -> dict:
     model = timm.create_model(name, pretrained=False, num_classes=4)
     example = batch(size, n=2, gen=gen)[0]
 
-    ista = fxprune.ista_for(model, example, rho=RHO)
+    ista = fxprune.ista_for(model, example, rho=0.0)
+    ista.step_rho(SHRINK, LR)  # a strong ρ, so that a short run makes exact zeros
     refused = ista.rescale(ALPHA)  # γ–W rescaling: small γ reach zero in few steps
-    sgd = torch.optim.SGD(ista.param_groups(weight_decay=1e-4), lr=0.05, momentum=0.9)
+    sgd = torch.optim.SGD(ista.param_groups(weight_decay=1e-4), lr=LR, momentum=0.9)
     optimizer = ista.wrap(sgd)
     loss = train_steps(model, optimizer, steps, size, gen)
     ista.unscale(ALPHA)
@@ -76,7 +78,7 @@ def main(name: str = "resnet18", size: int = 64, steps: int = 40) -> dict:
     print(f"still {type(model).__module__}.{type(model).__name__}; max relative error {error:.1e}")
 
     # the same loop goes on with a fresh optimizer (parameter shapes changed)
-    sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     loss = train_steps(model, sgd, 1, size, gen)
     print(f"one more training step after pruning: loss {loss:.3f}")
     return {"model": model, "report": report, "error": error, "loss": loss}

@@ -31,7 +31,8 @@ import torch
 import fxprune
 from fxprune.verify import relative_error, run_model
 
-RHO = 0.1  # ρ: strong, so that a handful of steps make exact zeros in the deep layers
+LR = 0.01
+SHRINK = 0.13  # the prox shrinks the median γ by this much per step (sets ρ)
 
 
 def build(nc: int = 2):
@@ -97,8 +98,9 @@ def main(size: int = 96, steps: int = 12, folder: Path | None = None) -> dict:
     model = build()
     example = yolo_batch(size, n=1, gen=gen)["img"]
 
-    ista = fxprune.ista_for(model, example, rho=RHO)
-    sgd = torch.optim.SGD(ista.param_groups(weight_decay=5e-4), lr=0.01, momentum=0.9)
+    ista = fxprune.ista_for(model, example, rho=0.0)
+    ista.step_rho(SHRINK, LR)  # a strong ρ, so that a handful of steps make exact zeros
+    sgd = torch.optim.SGD(ista.param_groups(weight_decay=5e-4), lr=LR, momentum=0.9)
     loss = train_steps(model, ista.wrap(sgd), steps, size, gen)
     sparsity = ista.sparsity()
     print(f"{steps} ISTA steps with Ultralytics' loss: loss {loss:.2f}, γ sparsity {sparsity:.1%}")
@@ -109,7 +111,7 @@ def main(size: int = 96, steps: int = 12, folder: Path | None = None) -> dict:
     print(report.summary().splitlines()[0])
     print(f"still {type(model).__name__}; max relative error {error:.1e}")
 
-    sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     loss = train_steps(model, sgd, 1, size, gen)
     print(f"one more step with Ultralytics' loss after pruning: {loss:.2f}")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
@@ -51,9 +52,19 @@ class Ista:
     analysis: ChannelAnalysis
     group_ista: bool = False
 
-    def param_groups(self, weight_decay: float = 0.0) -> list[dict]:
-        """Everything with `weight_decay`, the penalised γ without."""
-        return param_groups_for(self.model, self.targets, weight_decay)
+    def param_groups(self, weight_decay: float = 0.0, **options) -> list[dict]:
+        """Everything with `weight_decay`, the penalised γ in their own group without
+        (`options` go to `fxprune.train.ista.param_groups_for`)."""
+        return param_groups_for(self.model, self.targets, weight_decay, **options)
+
+    def step_rho(self, shrink: float, lr: float) -> float:
+        """Set and return ρ such that one prox step at learning rate `lr` shrinks the
+        median penalised γ by `shrink` (lr·ρ·λ = shrink): for short runs and demos.
+        For real training the paper sets ρ so that ρ·lasso ≈ the loss
+        (`fxprune.train.ista.suggest_rho`)."""
+        lam = np.concatenate([t.lam for t in self.targets]) if self.targets else np.ones(1)
+        self.rho = float(shrink / (lr * float(np.median(lam))))
+        return self.rho
 
     def wrap(self, optimizer: torch.optim.Optimizer) -> IstaOptimizer:
         """`optimizer.step()` then the proximal step (exact zeros) on the penalised γ."""
