@@ -31,7 +31,7 @@ from fxprune.compile.in_place_plan import LITERAL_REASON, freeze_literal_widths,
 from fxprune.compile.liveness import find_liveness
 from fxprune.compile.rewrite import Rewriter
 from fxprune.compile.zeroing import apply_sparsity, apply_threshold
-from fxprune.errors import UsageError, VerificationError
+from fxprune.errors import CompileError, UsageError, VerificationError
 from fxprune.modules import BorderTerm, ConvWithBorder
 from fxprune.trace import trace_model
 from fxprune.verify import TOLERANCE, relative_error, run_model, verify_equal
@@ -168,7 +168,16 @@ class Surgery:
     notes: list[str]
 
     def apply(self, model: nn.Module) -> list[LayerChange]:
-        """Carry the surgery out on `model`; return the changed layers."""
+        """Carry the surgery out on `model`; return the changed layers. CompileError,
+        before anything changes, when a layer of the plan is not in `model`."""
+        for path in list(self.changed) + list(self.borders):
+            try:
+                model.get_submodule(path)
+            except AttributeError:
+                raise CompileError(
+                    f"the traced graph names a layer {path!r} that {type(model).__name__} "
+                    "does not have: cannot prune it in place"
+                ) from None
         if self.zeroed:
             model.load_state_dict(self.zeroed_state, strict=False)
         layers = []
