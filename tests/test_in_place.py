@@ -230,3 +230,27 @@ def test_timm_norm_act_models_prune_in_place_exactly(name):
     if name.startswith("csp"):
         assert any(".split()" in why and LITERAL_REASON in why for why in report.frozen)
     one_training_step(model, (2, 3, 32, 32))
+
+
+class LiteralView(nn.Module):
+    """`view(B, 16, -1)`: a width written in the code, behind a prunable BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cv1, self.cv2 = cbr(3, 16), cbr(3, 8)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(24, 2)
+
+    def forward(self, x):
+        a = self.cv1(x)
+        a = a.view(a.shape[0], 16, -1).mean(-1)
+        return self.fc(torch.cat([a, torch.flatten(self.pool(self.cv2(x)), 1)], 1))
+
+
+def test_literal_view_is_frozen_and_not_penalised_by_ista_for():
+    model = LiteralView()
+    report, errors, _ = prune_checked(model, (2, 3, 8, 8))
+    assert max(errors) <= TOLERANCE
+    assert any(".view()" in why and LITERAL_REASON in why for why in report.frozen)
+    assert model.cv1[0].out_channels == 16 and model.cv2[0].out_channels < 8
+    ista = fxprune.ista_for(LiteralView(), torch.randn(2, 3, 8, 8), rho=1.0)
+    assert {t.module for t in ista.targets} == {"cv2.1"}
