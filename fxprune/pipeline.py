@@ -379,6 +379,12 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if self.threshold is not None and self.sparsity is not None:
             raise UsageError("give --threshold or --sparsity, not both")
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
+            raise UsageError(f"--sparsity must be in [0, 1), not {self.sparsity}")
+        if self.threshold is not None and self.threshold < 0:
+            raise UsageError(f"--threshold must be ≥ 0, not {self.threshold}")
+        if self.verify < 1:
+            raise UsageError("--verify must be ≥ 1 (in-place pruning is always verified)")
         if self.border not in BORDER_MODES:
             raise UsageError(
                 f"--border must be one of {', '.join(BORDER_MODES)}, not {self.border!r}"
