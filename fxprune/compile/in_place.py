@@ -129,6 +129,8 @@ def prune_(
     """
     if border not in BORDER_MODES:
         raise UsageError(f"border must be one of {', '.join(BORDER_MODES)}, not {border!r}")
+    if verify < 1:
+        raise UsageError("verify must be ≥ 1: in-place pruning is always verified")
     surgery = plan_surgery(model, example, threshold=threshold, sparsity=sparsity, border=border)
     work = copy.deepcopy(model)
     surgery.apply(work)
