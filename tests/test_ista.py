@@ -60,6 +60,7 @@ def test_convnet_penalties_match_eq2(convnet):
             "features.1": eq2(5, 3, [(5, 192)], 32),  # conv1 5x5 3->96 at 32x32, conv2 5x5 ->192
             "features.5": eq2(5, 96, [(3, 192)], 16),  # conv2 at 16x16, conv3 3x3 ->192
             "features.9": eq2(3, 192, [(4, 384)], 8),  # fc over 4x4 maps = a 4x4 "conv" -> 384
+            "classifier.2": eq2(1, 3072, [(1, 10)], 1),  # fc 3072 -> 384 -> BN -> fc 10
         }
     )
     assert lam["features.9"] == pytest.approx(124.0)
@@ -138,6 +139,69 @@ def test_gamma_with_weight_decay_is_refused(convnet):
     sgd = torch.optim.SGD(module.parameters(), lr=0.1, weight_decay=1e-4)
     with pytest.raises(UsageError, match="weight_decay"):
         IstaOptimizer(sgd, module, targets, 0.1)
+
+
+def constant_gamma_gradient(model, opt, name: str, grad: torch.Tensor, steps: int) -> None:
+    """`steps` optimizer steps where only γ of `name` has a (fixed) gradient."""
+    gamma = model.get_submodule(name).weight
+    for _ in range(steps):
+        opt.zero_grad()
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        gamma.grad = grad.clone()
+        opt.step()
+
+
+def test_zero_gamma_stays_zero_under_momentum_for_small_gradients(convnet):
+    module, gm, analysis = convnet
+    model = copy.deepcopy(module)
+    targets, opt = ista_setup(model, gm, analysis, lr=0.1, rho=0.01, momentum=0.9)
+    assert [g["momentum"] for g in opt.param_groups] == [0.9, 0.0]  # momentum kept elsewhere
+    lam = layer_penalties(gm, analysis)["features.1"]
+    bn = model.get_submodule("features.1")
+    with torch.no_grad():
+        bn.weight.zero_()
+    # |∇γ| = 0.9·ρλ: with momentum 0.9 on γ the buffer would reach 9·ρλ and leave zero.
+    grad = 0.9 * 0.01 * lam * torch.where(torch.arange(96) % 2 == 0, 1.0, -1.0)
+    constant_gamma_gradient(model, opt, "features.1", grad, steps=30)
+    assert torch.count_nonzero(bn.weight) == 0
+    constant_gamma_gradient(model, opt, "features.1", 1.5 * grad, steps=1)  # above ρλ: it moves
+    assert torch.count_nonzero(bn.weight) == 96
+
+
+def test_gamma_with_momentum_is_refused(convnet):
+    module, gm, analysis = convnet
+    targets = penalty_targets(gm, analysis)
+    groups = param_groups_for(module, targets, 5e-4)
+    groups[1]["momentum"] = 0.9
+    with pytest.raises(UsageError, match="momentum=0.9"):
+        IstaOptimizer(torch.optim.SGD(groups, lr=0.1), module, targets, 0.1)
+    with pytest.raises(UsageError, match="Adagrad is not supported"):
+        adagrad = torch.optim.Adagrad(param_groups_for(module, targets, 0.0), lr=0.1)
+        IstaOptimizer(adagrad, module, targets, 0.1)
+
+
+@pytest.mark.parametrize("kind", [torch.optim.Adam, torch.optim.AdamW])
+def test_adam_prox_scales_the_threshold_by_adams_step(convnet, kind):
+    module, gm, analysis = convnet
+    model = copy.deepcopy(module)
+    targets = penalty_targets(gm, analysis)
+    groups = param_groups_for(model, targets, 1e-4, adam_beta2=0.999)
+    opt = IstaOptimizer(kind(groups, lr=0.01), model, targets, rho=0.01)
+    lam = layer_penalties(gm, analysis)["features.1"]
+    bn = model.get_submodule("features.1")
+    with torch.no_grad():
+        bn.weight.zero_()
+    # Adam's step is ~lr·sign(g) whatever |g|: an unscaled threshold lr·ρλ would let
+    # γ leave zero; scaled by lr/(√v̂+ε) a zero stays zero while |∇γ| ≤ ρλ.
+    grad = 0.9 * 0.01 * lam * torch.ones(96)
+    constant_gamma_gradient(model, opt, "features.1", grad, steps=20)
+    assert torch.count_nonzero(bn.weight) == 0
+    grad[:48] *= 2  # above ρλ: those leave zero, the others stay
+    constant_gamma_gradient(model, opt, "features.1", grad, steps=5)
+    assert torch.count_nonzero(bn.weight[:48]) == 48 and torch.count_nonzero(bn.weight[48:]) == 0
+    with pytest.raises(UsageError, match="β1 must be 0"):
+        IstaOptimizer(kind(param_groups_for(model, targets, 0.0), lr=0.01), model, targets, 0.1)
 
 
 def test_group_prox_zeroes_a_residual_channel_everywhere(resnet20):
@@ -237,7 +301,7 @@ def test_monitor_diagnostics_and_suggestions(convnet):
     assert "decrease ρ" in advice and "chance level" in advice
     record = monitor.record(5, ce=0.5, accuracy=0.9)
     assert record["sparsity"] == 0.0 and record["lasso"] > 0 and set(record["layers"]) == {
-        "features.1", "features.5", "features.9"}  # fmt: skip
+        "features.1", "features.5", "features.9", "classifier.2"}  # fmt: skip
     assert monitor.to_jsonl().count("\n") == 5
     assert suggest_rho(2.0, 400.0) == 0.005
     assert suggest_alpha(1.0, lr=0.1, lam=10.0, rho=0.001) == pytest.approx(0.1)

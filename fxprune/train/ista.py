@@ -1,9 +1,11 @@
 """ISTA training of BatchNorm scales (Ye et al. 2018, Sections 4.1-4.2).
 
 - `class_costs` / `layer_penalties`: λ of every channel from the traced graph (Eq. 2).
-- `IstaOptimizer`: wraps any torch optimizer; after its step, the proximal step
-  γ ← sign(γ)·max(|γ| − lr·ρ·λ, 0) makes γ exactly zero (a group-lasso prox
-  over all BN sites of a channel with `group_ista`).
+- `IstaOptimizer`: wraps SGD, Adam or AdamW; γ sit in their own param group
+  (`param_groups_for`: no momentum, no weight decay), and after the inner step
+  the proximal step γ ← sign(γ)·max(|γ| − s·ρ·λ, 0), s the step the optimizer
+  took per unit gradient (lr for SGD, lr/(√v̂+ε) for Adam), makes γ exactly
+  zero (a group-lasso prox over all BN sites of a channel with `group_ista`).
 - `rescale` / `unscale`: the γ–W rescaling trick, refused wherever the
   function would change.
 - `Monitor`: per-epoch diagnostics and the paper's tuning advice.
@@ -86,19 +88,52 @@ def penalty_targets(
 # -- the optimizer ---------------------------------------------------------------
 
 
+GAMMA_GROUP = {"weight_decay": 0.0, "momentum": 0.0, "dampening": 0.0, "nesterov": False}
+ADAM_FAMILY = (torch.optim.Adam, torch.optim.AdamW)
+
+
 def param_groups_for(
-    model: nn.Module, targets: list[PenaltyTarget] | list[str], weight_decay: float
+    model: nn.Module,
+    targets: list[PenaltyTarget] | list[str],
+    weight_decay: float,
+    *,
+    adam_beta2: float | None = None,
 ) -> list[dict]:
-    """Two param groups: everything with `weight_decay`, the penalised γ with none
-    (weight decay on γ would fight the L1 prox)."""
+    """Two param groups: everything with `weight_decay`, the penalised γ in their own.
+
+    The γ group takes a plain gradient step before the prox, as in Eq. 1: no
+    weight decay (it would fight the L1 prox) and no momentum (with momentum
+    0.9 a zero γ is stable only while |∇γ| ≤ 0.1·ρλ, so ρ would act ten times
+    weaker). For Adam/AdamW give `adam_beta2`: the γ group then has
+    betas (0, β2) and `IstaOptimizer` scales the threshold by Adam's step.
+    """
     names = {t.module if isinstance(t, PenaltyTarget) else str(t) for t in targets}
     gammas = [model.get_submodule(name).weight for name in sorted(names)]
     ids = {id(p) for p in gammas}
     others = [p for p in model.parameters() if id(p) not in ids]
+    plain = {"weight_decay": 0.0, "betas": (0.0, adam_beta2)} if adam_beta2 else GAMMA_GROUP
     return [
         {"params": others, "weight_decay": weight_decay},
-        {"params": gammas, "weight_decay": 0.0},
+        {"params": gammas, **plain},
     ]
+
+
+def gamma_group_problem(optimizer: torch.optim.Optimizer, group: dict) -> str | None:
+    """Why the prox after `optimizer`'s step on `group` would not be Eq. 1 (None: it would).
+
+    SGD: no momentum, no weight decay (a plain gradient step). Adam/AdamW: β1 = 0,
+    no weight decay, no amsgrad (the threshold is then scaled by Adam's own
+    per-parameter step lr/(√v̂+ε), so a zero stays zero while |∇γ| ≤ ρλ).
+    """
+    if group.get("weight_decay", 0):
+        return f"weight_decay={group['weight_decay']}"
+    if isinstance(optimizer, torch.optim.SGD):
+        return f"momentum={group['momentum']}" if group.get("momentum", 0) else None
+    if isinstance(optimizer, ADAM_FAMILY):
+        if group.get("amsgrad"):
+            return "amsgrad=True"
+        return f"betas={tuple(group['betas'])} (β1 must be 0)" if group["betas"][0] else None
+    return f"{type(optimizer).__name__} is not supported (SGD, Adam or AdamW)"
 
 
 class IstaOptimizer(torch.optim.Optimizer):
@@ -125,6 +160,8 @@ class IstaOptimizer(torch.optim.Optimizer):
         self.inner.state = state
         self.rho = float(rho)
         self.group_ista = group_ista
+        if group_ista and isinstance(inner, ADAM_FAMILY):
+            raise UsageError("--group-ista works with SGD only (its prox has one step per class)")
         self.entries = [self._entry(model, t) for t in targets]
         # Group lasso: every γ of a class is one vector; a class takes λ and lr from
         # its first entry (param_groups_for puts all γ in one group).
@@ -152,11 +189,11 @@ class IstaOptimizer(torch.optim.Optimizer):
         if not holders:
             raise UsageError(f"γ of {target.module} is not in the optimizer's parameters")
         index = holders[0]
-        decay = self.param_groups[index].get("weight_decay", 0)
-        if decay:
+        problem = gamma_group_problem(self.inner, self.param_groups[index])
+        if problem:
             raise UsageError(
-                f"γ of {target.module} is in a param group with weight_decay={decay}: "
-                "build the groups with param_groups_for()"
+                f"γ of {target.module} is in a param group with {problem}: the prox needs a "
+                "plain step; build the groups with param_groups_for()"
             )
         full = len(target.positions) == gamma.numel()
         positions = None if full else torch.as_tensor(target.positions, device=gamma.device)
@@ -177,13 +214,25 @@ class IstaOptimizer(torch.optim.Optimizer):
         if self.group_ista:
             return self._group_prox()
         for e in self.entries:
-            shrink = e["lam"] * (self.param_groups[e["group"]]["lr"] * self.rho)
+            shrink = e["lam"] * (self._step_size(e) * self.rho)
             gamma = e["gamma"]
             if e["positions"] is None:
                 gamma.copy_(gamma.sign() * (gamma.abs() - shrink).clamp_(min=0))
             else:
                 g = gamma[e["positions"]]
                 gamma[e["positions"]] = g.sign() * (g.abs() - shrink).clamp_(min=0)
+
+    def _step_size(self, e: dict) -> float | torch.Tensor:
+        """The step the inner optimizer just took per unit gradient: lr for SGD,
+        lr/(√v̂+ε) per γ for Adam (β1 = 0; before Adam's first step on γ, lr)."""
+        group = self.param_groups[e["group"]]
+        state = self.state.get(e["gamma"], {})
+        if not isinstance(self.inner, ADAM_FAMILY) or "exp_avg_sq" not in state:
+            return group["lr"]
+        beta2, step = group["betas"][1], float(state["step"])
+        denom = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])
+        size = group["lr"] / denom
+        return size if e["positions"] is None else size[e["positions"]]
 
     def _group_prox(self) -> None:
         """Scale each class's vector of γ over all its BN sites by max(0, 1 − t/‖γ‖₂)."""
