@@ -113,13 +113,16 @@ def test_cifar_model_forward_and_trace(name: str) -> None:
 
 def test_convnet_parameter_count_and_paper_reading() -> None:
     model = zoo.create_model("convnet")
-    assert param_count(model) == 1_984_618
+    assert param_count(model) == 1_985_002
     weights = sum(p.numel() for n, p in model.named_parameters() if p.dim() > 1)
     out_units = sum(m.out_features if isinstance(m, nn.Linear) else m.out_channels
                     for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))  # fmt: skip
     assert weights == 1_983_264
     # The docstring's reading of the paper's 1,986,760: weights + 4 per output unit.
     assert weights + 4 * out_units == 1_986_760
+    bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
+    assert [m.num_features for m in bn] == [96, 192, 192, 384]  # every layer but the last
+    assert param_count(model) + sum(m.num_features * 2 for m in bn) == 1_986_730
 
 
 def test_convnet_last_feature_map_is_4x4() -> None:
