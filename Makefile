@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	# torch and torchvision resolved together from the registry (see DESIGN.md)
 	$(BIN)/python -m pip install --quiet torch torchvision
 	# the optional extras too, so the serve, plot and ONNX tests run for real
-	$(BIN)/python -m pip install --quiet -e '.[test,serve,plot,onnx]'
+	$(BIN)/python -m pip install --quiet -e '.[test,serve,plot,onnx,digits]'
 	touch $(STAMP)
 
 demo: $(STAMP)

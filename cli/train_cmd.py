@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -19,12 +20,29 @@ from fxprune.errors import CheckpointError, DataError, UsageError
 from fxprune.train.progress import event_lines
 
 Data = Annotated[str, typer.Option("--data", help="Data set: synthetic, synthetic:N, cifar10:DIR, "
-                                   "imagefolder:DIR.")]  # fmt: skip
+                                   "imagefolder:DIR, sklearn-digits.")]  # fmt: skip
+ImageSize = Annotated[
+    int | None,
+    typer.Option(
+        "--image-size",
+        help="Square side the images are resized to (default: 32; imagefolder: the model's).",
+    ),
+]
+Augment = Annotated[
+    str | None,
+    typer.Option(
+        help="none, standard (flip,crop), paper (flip,crop,jitter,standardize) or a comma "
+        "list of those; default standard (digits: none)."
+    ),
+]
 Out = Annotated[Path, typer.Option("--out", help="Checkpoint to write (rewritten every epoch).")]
 Epochs = Annotated[int, typer.Option(help="Training epochs.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Global batch size.")]
 Lr = Annotated[float, typer.Option("--lr", help="Learning rate μ (SGD with momentum).")]
-Schedule = Annotated[str, typer.Option(help="LR schedule: cosine, step or none.")]
+Schedule = Annotated[
+    str,
+    typer.Option(help="LR schedule: cosine, step, none, or auto (none under ISTA, else cosine)."),
+]
 Device = Annotated[str, typer.Option(help="cpu or cuda.")]
 Seed = Annotated[int, typer.Option(help="Seed of the data order and all randomness.")]
 Resume = Annotated[
@@ -55,14 +73,31 @@ def train_command(
     weight_decay: Annotated[
         float, typer.Option(help="Weight decay (never on penalised γ).")
     ] = 5e-4,
-    schedule: Schedule = "cosine",
+    schedule: Schedule = "auto",
     mode: Annotated[
         str, typer.Option(help="ista (the paper), slimming, sfp, l1 or none.")
     ] = "ista",
     rho: Annotated[
-        float | None,
-        typer.Option(help="ISTA strength ρ; default: CE = ρ·lasso on the first batch."),
+        str | None,
+        typer.Option(
+            help="ISTA strength ρ, or a schedule 0.0002:30000,0.001 (ρ until step 30000, "
+            "then 0.001; 0.0002:5ep,0.001 by epochs); default: CE = ρ·lasso on the first batch."
+        ),
     ] = None,
+    optimizer: Annotated[
+        str, typer.Option(help="sgd (momentum on all but γ), adam or adamw (β1 = 0 on γ).")
+    ] = "sgd",
+    ema: Annotated[
+        float | None,
+        typer.Option(help="Evaluate and keep an EMA of the weights with this decay (0.999)."),
+    ] = None,
+    until_plateau: Annotated[
+        bool,
+        typer.Option(
+            "--until-plateau",
+            help="Stop before --epochs once cross-entropy, sparsity and lasso are flat.",
+        ),
+    ] = False,
     alpha: Annotated[float, typer.Option(help="γ–W rescaling factor α (1: off).")] = 1.0,
     group_ista: Annotated[
         bool, typer.Option("--group-ista", help="Also penalise residual streams (group lasso).")
@@ -77,6 +112,8 @@ def train_command(
     device: Device = "cpu",
     seed: Seed = 0,
     weights: Weights = None,
+    image_size: ImageSize = None,
+    augment: Augment = None,
     force: Force = False,
 ) -> None:
     """Train SOURCE on DATA; in ISTA mode BatchNorm γ reach exact zeros for `fxprune compile`."""
@@ -84,11 +121,13 @@ def train_command(
 
     config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, schedule=schedule,
-        weight_decay=weight_decay, mode=mode, rho=rho, alpha=alpha, group_ista=group_ista,
+        weight_decay=weight_decay, mode=mode, rho=parse_rho(rho), alpha=alpha,
+        group_ista=group_ista, optimizer=optimizer, ema=ema, until_plateau=until_plateau,
         snapshot_at=parse_levels(snapshot_at), seed=seed, device=device, sfp_rate=rate,
         l1_rate=rate, slimming_lambda=slimming_lambda, sparsity=sparsity,
     )  # fmt: skip
-    run_training(source, data, out, config, resume=resume, weights=weights, force=force)
+    run_training(source, DataOptions(data, image_size, augment), out, config, resume=resume,
+                 weights=weights, force=force)  # fmt: skip
 
 
 def finetune_command(
@@ -102,6 +141,8 @@ def finetune_command(
     resume: Resume = None,
     device: Device = "cpu",
     seed: Seed = 0,
+    image_size: ImageSize = None,
+    augment: Augment = None,
     force: Force = False,
 ) -> None:
     """Fine-tune a compact model (plain training, no penalty)."""
@@ -109,7 +150,8 @@ def finetune_command(
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
                          mode="none", seed=seed, device=device)  # fmt: skip
-    run_training(str(compact), data, out, config, resume=resume, weights=None, force=force)
+    run_training(str(compact), DataOptions(data, image_size, augment), out, config,
+                 resume=resume, weights=None, force=force)  # fmt: skip
 
 
 def evaluate_command(
@@ -117,17 +159,28 @@ def evaluate_command(
     data: Data,
     batch_size: BatchSize = 256,
     weights: Weights = None,
+    image_size: ImageSize = None,
+    augment: Augment = None,
 ) -> None:
     """Test loss and accuracy of SOURCE on DATA."""
     from fxprune.load import load_source
     from fxprune.train import evaluate
-    from fxprune.train.data import load_data
 
     loaded = load_source(source, weights=weights)
-    bundle = load_data(data, batch_size=batch_size)
+    bundle = DataOptions(data, image_size, augment).load(loaded, batch_size=batch_size, seed=0)
     check_classes(loaded.module, bundle)
     loss, accuracy = evaluate(loaded.module, bundle.test)
     typer.echo(f"{source} on {data}: loss {loss:.4f}  accuracy {accuracy:.2%}")
+
+
+def parse_rho(text: str | None) -> float | str | None:
+    """A plain number stays a float; a schedule is checked by TrainConfig."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def parse_levels(text: str) -> list[float]:
@@ -151,11 +204,37 @@ def architecture_of(source: str) -> dict:
     return {"source": arch["source"]} if arch["kind"] == "source" else {"code": arch["code"]}
 
 
+@dataclass(frozen=True)
+class DataOptions:
+    """--data, --image-size and --augment, as given."""
+
+    spec: str
+    image_size: int | None = None
+    augment: str | None = None
+
+    def load(self, loaded, *, batch_size: int, seed: int):
+        """The DataBundle; an imagefolder's default side is the model's input side."""
+        size = self.image_size
+        if size is None and self.spec.startswith("imagefolder:"):
+            size = loaded.input_shape[-1]
+        from fxprune.train.data import load_data
+
+        return load_data(self.spec, batch_size=batch_size, seed=seed, image_size=size,
+                         augment=self.augment)  # fmt: skip
+
+
 def check_classes(model: torch.nn.Module, bundle) -> None:
     x = torch.zeros(bundle.input_shape)
     model.eval()
-    with torch.no_grad():
-        out = model(x.to(next(model.parameters()).device))
+    try:
+        with torch.no_grad():
+            out = model(x.to(next(model.parameters()).device))
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise DataError(
+            f"the model does not run on {bundle.name} images of shape {bundle.input_shape} "
+            f"({first}): give --image-size to match the model"
+        ) from None
     if out.ndim != 2 or out.shape[1] != bundle.num_classes:
         raise DataError(
             f"the model outputs {tuple(out.shape)} but {bundle.name} has {bundle.num_classes} "
@@ -168,12 +247,11 @@ def run_training(source, data, out, config, *, resume, weights, force) -> None:
     from fxprune.load import load_source
     from fxprune.pipeline import loaded_module, open_module
     from fxprune.train import train
-    from fxprune.train.data import load_data
 
     same = resume is not None and Path(resume).absolute() == Path(out).absolute()
     check_target(out, force=force or same, protect=[source] if Path(source).is_file() else [])
     loaded = load_source(source, weights=weights)
-    bundle = load_data(data, batch_size=config.batch_size, seed=config.seed)
+    bundle = data.load(loaded, batch_size=config.batch_size, seed=config.seed)
     check_classes(loaded.module, bundle)
     analysed = open_module(loaded_module(loaded.module, torch.randn(bundle.input_shape), source))
     result = train(
@@ -185,12 +263,16 @@ def run_training(source, data, out, config, *, resume, weights, force) -> None:
         return  # under torchrun, rank 0 reports (and wrote the files)
     for reason in result.refused:
         typer.echo(f"rescaling refused for {reason}", err=True)
+    stopped = " (plateau)" if result.epochs < config.epochs else ""
     typer.echo(
         f"wrote {out}: test accuracy {result.test_accuracy:.2%}, "
-        f"γ sparsity {result.sparsity:.1%} after {config.epochs} epochs"
+        f"γ sparsity {result.sparsity:.1%} after {result.epochs} epochs{stopped}"
     )
     for snapshot in result.snapshots:
         typer.echo(f"snapshot {snapshot}")
+    reached = max([r["sparsity"] for r in result.history] + [result.sparsity])
+    for level in result.unreached:
+        typer.echo(f"no snapshot at {level:.0%}: γ sparsity reached {reached:.1%}", err=True)
 
 
 def print_epoch(event: dict) -> None:
@@ -201,9 +283,12 @@ def print_epoch(event: dict) -> None:
 
 __all__ = [
     "BatchSize",
+    "Augment",
     "Data",
+    "DataOptions",
     "Device",
     "Epochs",
+    "ImageSize",
     "Lr",
     "Out",
     "Resume",
@@ -214,6 +299,7 @@ __all__ = [
     "evaluate_command",
     "finetune_command",
     "parse_levels",
+    "parse_rho",
     "print_epoch",
     "register",
     "run_training",

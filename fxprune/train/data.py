@@ -9,6 +9,12 @@ Accepted specs:
 - ``cifar10:DIR`` -- the CIFAR-10 python batches from a local folder (DIR or
   DIR/cifar-10-batches-py), with the usual crop + flip augmentation.
 - ``imagefolder:DIR`` -- ``DIR/train/CLASS/*`` and ``DIR/val/CLASS/*`` images.
+- ``sklearn-digits`` -- the 1,797 UCI handwritten digits bundled with
+  scikit-learn, upscaled to 32×32, fixed split (``fxprune.train.digits``).
+
+``augment`` chooses the training augmentation for cifar10, imagefolder and
+sklearn-digits (``fxprune.train.augment``: none, standard, paper or a list of flip,
+crop, jitter, standardize; default standard, none for digits).
 
 Missing or malformed data raises ``DataError`` naming the path and the
 expected layout. Training loaders shuffle with a ``torch.Generator`` seeded
@@ -28,8 +34,9 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision.transforms import v2
 
 from fxprune.errors import DataError
+from fxprune.train.augment import JITTER, PerImageStandardize, parse_augment, tensor_transforms
 
-SPEC_FORMS = "synthetic, synthetic:N, cifar10:DIR, imagefolder:DIR"
+SPEC_FORMS = "synthetic, synthetic:N, cifar10:DIR, imagefolder:DIR, sklearn-digits"
 
 
 @dataclass
@@ -56,6 +63,7 @@ def load_data(
     train_size: int | None = None,
     test_size: int | None = None,
     seed: int = 0,
+    augment: str | None = None,
 ) -> DataBundle:
     """Build the data set named by ``spec`` (see module docstring) and its two loaders.
 
@@ -66,7 +74,7 @@ def load_data(
     """
     kind, _, arg = spec.partition(":")
     size = image_size or (224 if kind == "imagefolder" else 32)
-    train, test, classes = build_datasets(kind, arg, size, train_size, test_size, seed)
+    train, test, classes = build_datasets(kind, arg, size, train_size, test_size, seed, augment)
     return DataBundle(
         train=make_loader(train, batch_size, num_workers, shuffle=True, seed=seed),
         test=make_loader(test, batch_size, num_workers, shuffle=False, seed=seed),
@@ -78,15 +86,27 @@ def load_data(
 
 
 def build_datasets(
-    kind: str, arg: str, size: int, train_size: int | None, test_size: int | None, seed: int
+    kind: str,
+    arg: str,
+    size: int,
+    train_size: int | None,
+    test_size: int | None,
+    seed: int,
+    augment: str | None = None,
 ) -> tuple[Dataset, Dataset, tuple[str, ...]]:
     """Train and test datasets for ``kind:arg``; ``DataError`` for an unknown spec."""
     if kind == "synthetic":
+        if augment not in (None, "none"):
+            raise DataError("synthetic: --augment does not apply (the images are generated)")
         return synthetic_datasets(arg, size, train_size, test_size, seed)
     if kind == "cifar10" and arg:
-        train, test, classes = cifar10_datasets(Path(arg).expanduser(), size)
+        train, test, classes = cifar10_datasets(Path(arg).expanduser(), size, augment)
     elif kind == "imagefolder" and arg:
-        train, test, classes = imagefolder_datasets(Path(arg).expanduser(), size)
+        train, test, classes = imagefolder_datasets(Path(arg).expanduser(), size, augment)
+    elif kind == "sklearn-digits" and not arg:
+        from fxprune.train.digits import digits_datasets
+
+        train, test, classes = digits_datasets(size, augment)
     else:
         spec = f"{kind}:{arg}" if arg else kind
         raise DataError(f"unknown data set {spec!r}; expected one of: {SPEC_FORMS}")
@@ -269,18 +289,19 @@ class TensorImages(Dataset):
         return self.transform(self.images[index]), int(self.labels[index])
 
 
-def cifar10_datasets(root: Path, image_size: int) -> tuple[Dataset, Dataset, tuple[str, ...]]:
+def cifar10_datasets(
+    root: Path, image_size: int, augment: str | None = None
+) -> tuple[Dataset, Dataset, tuple[str, ...]]:
     """The CIFAR-10 train (augmented) and test splits from ``root``."""
     folder = find_cifar_folder(root)
     train_parts = [read_cifar_batch(folder / name) for name in CIFAR_TRAIN_FILES]
     train_images = torch.cat([images for images, _ in train_parts])
     train_labels = torch.cat([labels for _, labels in train_parts])
     test_images, test_labels = read_cifar_batch(folder / CIFAR_TEST_FILE)
-    resize = [v2.Resize(image_size, antialias=True)] if image_size != 32 else []
-    normalise = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR_MEAN, CIFAR_STD)]
-    augment = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
-    train = TensorImages(train_images, train_labels, v2.Compose(augment + resize + normalise))
-    test = TensorImages(test_images, test_labels, v2.Compose(resize + normalise))
+    chosen = parse_augment(augment, default="standard")
+    train_tf, test_tf = tensor_transforms(chosen, 32, image_size, CIFAR_MEAN, CIFAR_STD)
+    train = TensorImages(train_images, train_labels, train_tf)
+    test = TensorImages(test_images, test_labels, test_tf)
     return train, test, CIFAR_CLASSES
 
 
@@ -341,9 +362,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def imagefolder_datasets(root: Path, size: int) -> tuple[Dataset, Dataset, tuple[str, ...]]:
+def imagefolder_datasets(
+    root: Path, size: int, augment: str | None = None
+) -> tuple[Dataset, Dataset, tuple[str, ...]]:
     """``root/train`` (augmented) and ``root/val`` as torchvision ImageFolders of side ``size``."""
-    train_tf, test_tf = imagefolder_transforms(size)
+    train_tf, test_tf = imagefolder_transforms(size, parse_augment(augment, default="standard"))
     train = open_imagefolder(root, "train", train_tf)
     test = open_imagefolder(root, "val", test_tf)
     if train.classes != test.classes:
@@ -364,19 +387,25 @@ def open_imagefolder(root: Path, split: str, transform: v2.Transform) -> Dataset
         raise DataError(f"imagefolder: {folder}: {error} ({IMAGEFOLDER_LAYOUT})") from None
 
 
-def imagefolder_transforms(size: int) -> tuple[v2.Transform, v2.Transform]:
+def imagefolder_transforms(
+    size: int, augment: tuple[str, ...] = ("flip", "crop")
+) -> tuple[v2.Transform, v2.Transform]:
     """ImageNet-style crops for large sides; CIFAR-style pad-and-crop for sides up to 64."""
     to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-    normalise = [v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    jitter = [v2.ColorJitter(**JITTER)] if "jitter" in augment else []
+    standard = [v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    normalise = [PerImageStandardize()] if "standardize" in augment else standard
+    flip = [v2.RandomHorizontalFlip()] if "flip" in augment else []
     if size <= 64:
         fit = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
-        augment = [v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()]
-        train = fit + augment
-        test = fit
+        crop = [v2.RandomCrop(size, padding=size // 8)] if "crop" in augment else []
+        train, test = fit + crop + flip, fit
     else:
-        train = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
         test = [v2.Resize(size * 256 // 224, antialias=True), v2.CenterCrop(size)]
-    return v2.Compose(train + to_tensor + normalise), v2.Compose(test + to_tensor + normalise)
+        crop = [v2.RandomResizedCrop(size, antialias=True)] if "crop" in augment else test
+        train = crop + flip
+    train_tf = v2.Compose(train + to_tensor + jitter + normalise)
+    return train_tf, v2.Compose(test + to_tensor + normalise)
 
 
 __all__ = [

@@ -448,8 +448,9 @@ def unscale(
 
 
 class Monitor:
-    """Per-epoch records (cross-entropy, lasso Σλ|γ|, γ sparsity, accuracy) and the
-    paper's tuning advice as warning strings. `to_jsonl()` gives the JSON lines."""
+    """Per-epoch records (cross-entropy, the lasso term ρ·Σλ|γ| as "lasso" and Σλ|γ| as
+    "lasso_sum", γ sparsity, accuracy) and the paper's tuning advice as warning
+    strings. `to_jsonl()` gives the JSON lines."""
 
     def __init__(self, model: nn.Module, targets: list[PenaltyTarget], num_classes: int) -> None:
         self.model, self.targets, self.num_classes = model, targets, num_classes
@@ -466,10 +467,11 @@ class Monitor:
             zeros, total = zeros + z, total + len(t.positions)
         return (zeros / total if total else 0.0), layers
 
-    def record(self, epoch: int, *, ce: float, accuracy: float, **extra) -> dict:
+    def record(self, epoch: int, *, ce: float, accuracy: float, rho: float = 1.0, **extra) -> dict:
         """Add the epoch's record (with diagnostics in "warnings") and return it."""
         overall, layers = self.sparsity()
-        rec = {"epoch": epoch, "ce": ce, "lasso": lasso_term(self.model, self.targets),
+        total = lasso_term(self.model, self.targets)
+        rec = {"epoch": epoch, "ce": ce, "lasso": rho * total, "lasso_sum": total, "rho": rho,
                "sparsity": overall, "accuracy": accuracy, **extra, "layers": layers}  # fmt: skip
         self.history.append(rec)
         rec["warnings"] = self.diagnose()

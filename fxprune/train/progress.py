@@ -3,7 +3,10 @@ callback receives dicts; the CLI and the demo print what these return)."""
 
 from __future__ import annotations
 
-EPOCH_LINE = "epoch {epoch}/{epochs}  ce {ce:.4f}  acc {accuracy:.2%}  sparsity {sparsity:.1%}"
+EPOCH_LINE = (
+    "epoch {epoch}/{epochs}  ce {ce:.4f}  lasso {lasso:.4g}  acc {accuracy:.2%}  "
+    "sparsity {sparsity:.1%}"
+)
 
 
 def step_line(event: dict, prefix: str = "") -> str | None:
@@ -23,10 +26,15 @@ def event_lines(event: dict) -> list[str]:
     if event.get("event") == "step":
         line = step_line(event)
         return [line] if line else []
+    if event.get("event") == "resume":
+        rho = f", ρ {event['rho']:.3g}" if event.get("rho") else ""
+        return [f"resuming {event['path']} after epoch {event['epoch']}/{event['epochs']} "
+                f"(step {event['step']}{rho})"]  # fmt: skip
     if event.get("event") != "epoch":
         return []
     line = EPOCH_LINE.format(**event)
     line += f"  lr {event['lr']:.3g}" + (f"  ρ {event['rho']:.3g}" if event.get("rho") else "")
+    line += f"  α {event['alpha']:.3g}" if event.get("alpha", 1.0) != 1.0 else ""
     lines = [line + f"  ({event['seconds']:.0f} s)"]
     return lines + [f"  warning: {advice}" for advice in event.get("warnings", [])]
 

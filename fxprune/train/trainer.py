@@ -51,25 +51,37 @@ from fxprune.train.ista import (
     suggest_rho,
     unscale,
 )
+from fxprune.train.procedure import ParameterEma, RhoSchedule, plateaued
 
 MODES = ("ista", "slimming", "sfp", "l1", "none")
-SCHEDULES = ("cosine", "step", "none")
+SCHEDULES = ("cosine", "step", "none", "auto")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+ADAM_BETAS = (0.9, 0.999)
 SNAPSHOT_CHECK_EVERY = 10  # steps between sparsity checks for snapshots
 
 
 @dataclass
 class TrainConfig:
     """How to train. `rho=None` picks ρ on the first batch so that ρ·lasso equals
-    the cross-entropy (`suggest_rho`); `sparsity` is slimming's final target."""
+    the cross-entropy (`suggest_rho`); a string is a `RhoSchedule`
+    ("0.0002:30000,0.001"). `schedule="auto"` is a constant lr under ISTA (the
+    prox threshold lr·ρ·λ must not decay away, as in the paper) and cosine
+    otherwise. `ema` evaluates (and ends with) an EMA of the weights;
+    `until_plateau` stops before `epochs` once cross-entropy, sparsity and the
+    lasso term are flat (`fxprune.train.procedure.plateaued`). `sparsity` is
+    slimming's final target."""
 
     epochs: int = 10
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "cosine"
+    schedule: str = "auto"
     mode: str = "none"
-    rho: float | None = None
+    rho: float | str | None = None
+    optimizer: str = "sgd"
+    ema: float | None = None
+    until_plateau: bool = False
     alpha: float = 1.0
     group_ista: bool = False
     snapshot_at: list[float] = field(default_factory=list)
@@ -85,9 +97,17 @@ class TrainConfig:
             raise UsageError(f"--mode must be one of {', '.join(MODES)}, not '{self.mode}'")
         if self.schedule not in SCHEDULES:
             raise UsageError(f"--schedule must be one of {', '.join(SCHEDULES)}")
+        if self.schedule == "auto":
+            self.schedule = "none" if self.mode == "ista" else "cosine"
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+        if self.rho is not None:
+            self.rho = str(RhoSchedule.parse(self.rho)) if isinstance(self.rho, str) else self.rho
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise UsageError(f"--ema must be in (0, 1), e.g. 0.999; got {self.ema}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise UsageError("--epochs and --batch-size must be ≥ 1 and --lr > 0")
-        if not self.alpha > 0 or (self.rho is not None and self.rho < 0):
+        if not self.alpha > 0 or (isinstance(self.rho, float | int) and self.rho < 0):
             raise UsageError("--alpha must be > 0 and --rho ≥ 0")
         for name in ("sfp_rate", "l1_rate", "sparsity"):
             if not 0 <= getattr(self, name) < 1:
@@ -109,6 +129,8 @@ class TrainResult:
     checkpoint: Path | None
     snapshots: list[Path] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    unreached: list[float] = field(default_factory=list)  # --snapshot-at levels never reached
+    epochs: int = 0  # epochs trained (fewer than asked when --until-plateau stopped)
 
 
 @dataclass
@@ -217,6 +239,8 @@ class Trainer:
         self.mask: dict[str, list[int]] = {}
         self.refused: list[str] = []
         self.pending_rho = config.mode == "ista" and config.rho is None
+        self.rho_schedule = RhoSchedule.parse(config.rho) if config.rho is not None else None
+        self.ema = ParameterEma(model, config.ema) if config.ema else None
         self.optimizer = self._optimizer()
         self.scheduler = self._scheduler()
 
@@ -235,15 +259,21 @@ class Trainer:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
-        if cfg.mode in ("ista", "slimming"):
-            groups = param_groups_for(self.model, self.targets, cfg.weight_decay)
+        adam = cfg.optimizer != "sgd"
+        if cfg.mode == "ista":  # slimming: γ decay and momentum like the rest (Liu et al.)
+            beta2 = ADAM_BETAS[1] if adam else None
+            groups = param_groups_for(self.model, self.targets, cfg.weight_decay, adam_beta2=beta2)
         else:
             groups = [{"params": list(self.model.parameters()), "weight_decay": cfg.weight_decay}]
-        sgd = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        if cfg.optimizer == "sgd":
+            inner = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        else:
+            kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+            inner = kind(groups, lr=cfg.lr, betas=ADAM_BETAS)
         if cfg.mode != "ista":
-            return sgd
-        rho = cfg.rho if cfg.rho is not None else 0.0
-        return IstaOptimizer(sgd, self.model, self.targets, rho, group_ista=cfg.group_ista)
+            return inner
+        rho = self.rho_schedule.at(0, 0) if self.rho_schedule else 0.0
+        return IstaOptimizer(inner, self.model, self.targets, rho, group_ista=cfg.group_ista)
 
     def _scheduler(self):
         epochs = self.cfg.epochs
@@ -274,7 +304,18 @@ class Trainer:
             started = time.perf_counter()
             ce, train_acc = self._train_epoch(epoch)
             self._end_epoch(epoch, ce, train_acc, time.perf_counter() - started)
+            if self.cfg.until_plateau and plateaued(self._penalised_history()):
+                break
         return self._finish()
+
+    def _penalised_history(self) -> list[dict]:
+        """Epoch records at the current ρ (a ρ schedule's step restarts the plateau)."""
+        rho = getattr(self.optimizer, "rho", 0.0)
+        history = self.monitor.history
+        start = len(history)
+        while start > 0 and history[start - 1].get("rho", 0.0) == rho:
+            start -= 1
+        return history[start:]
 
     def _train_epoch(self, epoch: int) -> tuple[float, float]:
         torch.manual_seed(self.cfg.seed * 1_000_003 + epoch * 7_919 + self.rank)
@@ -283,6 +324,8 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         for step, (x, y) in enumerate(self.loader):
             x, y = x.to(self.device), y.to(self.device)
+            if self.rho_schedule is not None:
+                self.optimizer.rho = self.rho_schedule.at(epoch * len(self.loader) + step, epoch)
             logits = self.net(x)
             loss = F.cross_entropy(logits, y)
             if self.pending_rho:
@@ -294,6 +337,8 @@ class Trainer:
             self.optimizer.step()
             if self.mask:
                 self._apply_mask()
+            if self.ema is not None:
+                self.ema.update(self.model)
             sums[0] += loss.detach() * len(y)
             sums[1] += (logits.argmax(1) == y).sum()
             sums[2] += len(y)
@@ -322,7 +367,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         if self.scheduler is not None:
             self.scheduler.step()
-        test_loss, test_acc = evaluate(self.model, self.data.test)
+        test_loss, test_acc = evaluate(self._evaluated(), self.data.test)
         rho = getattr(self.optimizer, "rho", 0.0)
         record = self.monitor.record(
             epoch + 1, ce=ce, accuracy=test_acc, train_accuracy=train_acc, test_loss=test_loss,
@@ -334,8 +379,16 @@ class Trainer:
         if self.progress and self.rank == 0:
             self.progress({"event": "epoch", "epochs": self.cfg.epochs, **record})
 
+    def _evaluated(self) -> nn.Module:
+        """The model evaluations see: the EMA (zeros kept) with --ema, else the live one."""
+        if self.ema is None:
+            return self.model
+        return self.ema.model_like(self.model, [t.module for t in self.targets])
+
     def _finish(self) -> TrainResult:
         cfg = self.cfg
+        if self.ema is not None:  # the paper evaluates, and we keep, the averaged model
+            self.ema.copy_into(self.model, [t.module for t in self.targets])
         if cfg.mode == "slimming":
             self._zero_classes(self._smallest_gammas(cfg.sparsity), weights=False)
         if cfg.mode == "ista" and self.alpha_applied != 1.0:
@@ -353,9 +406,10 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         snaps = [snapshot_path(self.out, s) for s in self.snapshots_done] if self.out else []
+        unreached = [s for s in cfg.snapshot_at if s not in self.snapshots_done]
         return TrainResult(
             self.model, self.monitor.history, test_loss, test_acc, sparsity, self.out, snaps,
-            self.refused,
+            self.refused, unreached if self.out else [], self.epoch,
         )  # fmt: skip
 
     # -- mode hooks ----------------------------------------------------------
@@ -472,6 +526,7 @@ class Trainer:
             "snapshots_done": list(self.snapshots_done),
             "mask": self.mask,
             "refused": self.refused,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
     def _save(self, final: dict | None = None) -> None:
@@ -517,11 +572,21 @@ class Trainer:
         self.mask = {k: list(v) for k, v in state["mask"].items()}
         if self.epoch >= self.cfg.epochs:
             raise UsageError(f"{path} already has {self.epoch} epochs; raise --epochs to go on")
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise UsageError(f"{path} was trained without --ema; resume it without --ema")
+            self.ema.load_state_dict(state["ema"])
+        if self.progress and self.rank == 0:
+            self.progress({"event": "resume", "path": str(path), "epoch": self.epoch,
+                           "epochs": self.cfg.epochs, "step": self.epoch * len(self.loader),
+                           "rho": getattr(self.optimizer, "rho", None)})  # fmt: skip
 
 
 __all__ = [
     "DemoRecipe",
+    "ADAM_BETAS",
     "MODES",
+    "OPTIMIZERS",
     "SCHEDULES",
     "SNAPSHOT_CHECK_EVERY",
     "TrainConfig",

@@ -1,0 +1,123 @@
+"""The paper's training procedure around the ISTA step (Ye et al. 2018, Section 5).
+
+- `RhoSchedule`: ρ by step or epoch, e.g. ``0.0002:30000,0.001`` (ρ = 0.0002 for
+  the first 30,000 steps, then 0.001) or ``0.0002:5ep,0.001`` (by epochs).
+- `ParameterEma`: an exponential moving average of the parameters and buffers,
+  which the paper evaluates; γ the live model holds at exactly zero stay zero in
+  it, so the averaged model compiles to the same channels.
+- `plateaued`: the paper's stop rule, cross-entropy, sparsity and the lasso term
+  all flat over the last epochs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from fxprune.errors import UsageError
+
+__all__ = ["RhoSchedule", "ParameterEma", "plateaued", "PLATEAU_EPOCHS", "PLATEAU_TOLERANCE"]
+
+PLATEAU_EPOCHS = 3  # epochs whose records must all agree
+PLATEAU_TOLERANCE = 0.02  # relative change of ce and lasso; absolute change of sparsity
+_PIECE = re.compile(r"^\s*([0-9.eE+-]+)\s*(?::\s*([0-9]+)\s*(ep)?\s*)?$")
+
+
+@dataclass(frozen=True)
+class RhoSchedule:
+    """Piecewise-constant ρ: `values[i]` until `ends[i]` (exclusive, in `unit`s), then the last."""
+
+    values: tuple[float, ...]
+    ends: tuple[int, ...]
+    unit: str = "step"  # "step" or "epoch"
+
+    @classmethod
+    def parse(cls, text: str | float) -> RhoSchedule:
+        """``0.001``, ``0.0002:30000,0.001`` (steps) or ``0.0002:5ep,0.001`` (epochs)."""
+        pieces = [_PIECE.match(p) for p in str(text).split(",")]
+        bad = UsageError(
+            f"--rho '{text}' is not ρ or a schedule like 0.0002:30000,0.001 (steps) "
+            "or 0.0002:5ep,0.001 (epochs)"
+        )
+        if not pieces or any(m is None for m in pieces):
+            raise bad
+        try:
+            values = tuple(float(m.group(1)) for m in pieces)  # type: ignore[union-attr]
+        except ValueError:
+            raise bad from None
+        ends = tuple(int(m.group(2)) for m in pieces[:-1] if m.group(2))  # type: ignore[union-attr]
+        units = {"epoch" if m.group(3) else "step" for m in pieces if m.group(2)}  # type: ignore[union-attr]
+        if pieces[-1].group(2) or len(ends) != len(values) - 1 or len(units) > 1:  # type: ignore[union-attr]
+            raise bad
+        if any(not (v >= 0 and math.isfinite(v)) for v in values) or list(ends) != sorted(
+            set(ends)
+        ):
+            raise UsageError(f"--rho '{text}': ρ must be ≥ 0 and the ends must increase")
+        return cls(values, ends, units.pop() if units else "step")
+
+    def at(self, step: int, epoch: int) -> float:
+        """ρ at global `step` (0-based) of 0-based `epoch`."""
+        position = epoch if self.unit == "epoch" else step
+        for value, end in zip(self.values, self.ends, strict=False):
+            if position < end:
+                return value
+        return self.values[-1]
+
+    def __str__(self) -> str:
+        suffix = "ep" if self.unit == "epoch" else ""
+        parts = [f"{v:g}:{e}{suffix}" for v, e in zip(self.values, self.ends, strict=False)]
+        return ",".join([*parts, f"{self.values[-1]:g}"])
+
+
+class ParameterEma:
+    """EMA of `model`'s parameters and buffers with `decay` per step, for evaluation."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0 < decay < 1:
+            raise UsageError(f"--ema must be in (0, 1), e.g. 0.999; got {decay}")
+        self.decay = decay
+        self.averaged = AveragedModel(
+            model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True
+        )
+
+    def update(self, model: nn.Module) -> None:
+        self.averaged.update_parameters(model)
+
+    def model_like(self, model: nn.Module, gammas: list[str]) -> nn.Module:
+        """The averaged weights, with every γ in `gammas` zero where `model`'s is zero."""
+        ema = self.averaged.module
+        with torch.no_grad():
+            for name in gammas:
+                live = model.get_submodule(name).weight
+                ema.get_submodule(name).weight[live == 0] = 0
+        return ema
+
+    def copy_into(self, model: nn.Module, gammas: list[str]) -> None:
+        """Load the (masked) averaged weights and buffers into `model`."""
+        model.load_state_dict(self.model_like(model, gammas).state_dict())
+
+    def state_dict(self) -> dict:
+        return self.averaged.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.averaged.load_state_dict(state)
+
+
+def plateaued(history: list[dict], epochs: int = PLATEAU_EPOCHS) -> bool:
+    """True when the last `epochs` records agree on cross-entropy and lasso (relative
+    change ≤ PLATEAU_TOLERANCE) and on sparsity (absolute change ≤ PLATEAU_TOLERANCE)."""
+    if len(history) < epochs:
+        return False
+    last = history[-epochs:]
+    for key, relative in (("ce", True), ("lasso", True), ("sparsity", False)):
+        values = [float(r[key]) for r in last]
+        spread = max(values) - min(values)
+        scale = max(abs(v) for v in values) if relative else 1.0
+        if spread > PLATEAU_TOLERANCE * max(scale, 1e-12):
+            return False
+    return True

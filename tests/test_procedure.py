@@ -1,0 +1,108 @@
+"""The paper's procedure around ISTA: ρ schedules, EMA, the plateau stop, and the data options."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from fxprune.analysis import analyse
+from fxprune.errors import DataError, UsageError
+from fxprune.load import load_source
+from fxprune.trace import trace_model
+from fxprune.train import TrainConfig, train
+from fxprune.train.data import load_data
+from fxprune.train.ista import penalty_targets
+from fxprune.train.procedure import RhoSchedule, plateaued
+
+torch.set_num_threads(2)
+
+
+def test_rho_schedule_by_steps_and_epochs():
+    steps = RhoSchedule.parse("0.0002:30000,0.001")
+    assert [steps.at(s, 0) for s in (0, 29_999, 30_000, 10**6)] == [2e-4, 2e-4, 1e-3, 1e-3]
+    epochs = RhoSchedule.parse("0.0002:2ep,0.0005:4ep,0.001")
+    assert [epochs.at(10**6, e) for e in range(6)] == [2e-4, 2e-4, 5e-4, 5e-4, 1e-3, 1e-3]
+    assert str(epochs) == "0.0002:2ep,0.0005:4ep,0.001" and RhoSchedule.parse("0.01").at(5, 5)
+    for bad in ("x", "0.1:5", "0.1:5,0.2:3ep,0.3", "0.1:9,0.2:3,0.3", "-1", ""):
+        with pytest.raises(UsageError, match="--rho"):
+            RhoSchedule.parse(bad)
+
+
+def record(ce, lasso, sparsity):
+    return {"ce": ce, "lasso": lasso, "sparsity": sparsity}
+
+
+def test_plateau_needs_all_three_criteria_flat():
+    flat = [record(0.50, 1.00, 0.60), record(0.505, 0.995, 0.605), record(0.50, 1.0, 0.61)]
+    assert plateaued(flat) and not plateaued(flat[:2])
+    assert not plateaued([*flat[:2], record(0.40, 1.0, 0.61)])  # cross-entropy still falls
+    assert not plateaued([*flat[:2], record(0.50, 0.80, 0.61)])  # lasso still falls
+    assert not plateaued([*flat[:2], record(0.50, 1.0, 0.70)])  # sparsity still rises
+
+
+def test_sklearn_digits_fixed_split_of_real_scans():
+    bundle = load_data("sklearn-digits", batch_size=2000)
+    assert bundle.input_shape == (1, 3, 32, 32) and bundle.num_classes == 10
+    assert (len(bundle.train.dataset), len(bundle.test.dataset)) == (1437, 360)
+    images, labels = next(iter(bundle.test))
+    again, same = next(iter(load_data("sklearn-digits", batch_size=2000, seed=5).test))
+    assert torch.equal(images, again) and torch.equal(labels, same)  # split does not move
+    assert sorted(set(labels.tolist())) == list(range(10))
+    assert torch.equal(images[:, 0], images[:, 1])  # grey scans on 3 channels
+    augmented = load_data("sklearn-digits", batch_size=8, augment="paper")
+    x, _ = next(iter(augmented.train))
+    means = x.mean(dim=(1, 2, 3))  # per-image standardisation
+    assert torch.allclose(means, torch.zeros(8), atol=1e-5)
+    with pytest.raises(UsageError, match="--augment"):
+        load_data("sklearn-digits", augment="rotate")
+    with pytest.raises(DataError, match="does not apply"):
+        load_data("synthetic:8", augment="paper")
+
+
+@pytest.fixture
+def small_images(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in range(10):
+            (tmp_path / split / str(cls)).mkdir(parents=True)
+            pixels = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / split / str(cls) / "0.png")
+    return tmp_path
+
+
+def test_imagefolder_takes_the_models_image_size(small_images):
+    from fxprune.cli.train_cmd import register
+
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    data = f"imagefolder:{small_images}"
+    done = runner.invoke(app, ["evaluate", "zoo:convnet", "--data", data])
+    assert done.exit_code == 0, done.output  # 32×32 for the ConvNet, not 224
+    wrong = runner.invoke(app, ["evaluate", "zoo:convnet", "--data", data, "--image-size", "64"])
+    assert isinstance(wrong.exception, DataError) and "--image-size" in str(wrong.exception)
+
+
+def test_ema_keeps_the_live_zeros_and_a_rho_schedule_applies(tmp_path):
+    loaded = load_source("zoo:resnet20")
+    data = load_data("synthetic", train_size=64, test_size=32, batch_size=32, image_size=16)
+    traced = trace_model(loaded.module, torch.randn(1, 3, 16, 16))
+    analysis = analyse(traced.gm)
+    model = copy.deepcopy(loaded.module)
+    config = TrainConfig(epochs=2, batch_size=32, lr=0.05, mode="ista", rho="0:2,2.0", alpha=0.5,
+                         ema=0.5, until_plateau=True)  # fmt: skip
+    result = train(model, data, config, gm=traced.gm, analysis=analysis,
+                   out_path=tmp_path / "run.pt", source="zoo:resnet20")  # fmt: skip
+    assert [r["rho"] for r in result.history] == [0.0, 2.0]  # epoch 1 = steps 0-1 at ρ = 0
+    assert result.sparsity > 0.3 and result.epochs == 2
+    trained = load_source(str(tmp_path / "run.pt")).module
+    for t in penalty_targets(traced.gm, analysis):  # the averaged model kept the exact zeros
+        gamma = trained.get_submodule(t.module).weight
+        assert torch.equal(gamma == 0, model.get_submodule(t.module).weight == 0)
+    assert result.history[-1]["lasso"] == pytest.approx(2.0 * result.history[-1]["lasso_sum"])
