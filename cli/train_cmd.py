@@ -98,7 +98,12 @@ def train_command(
             help="Stop before --epochs once cross-entropy, sparsity and lasso are flat.",
         ),
     ] = False,
-    alpha: Annotated[float, typer.Option(help="γ–W rescaling factor α (1: off).")] = 1.0,
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            help="γ–W rescaling factor α (1: off); default: rescaled γ ≈ 100·μ·λ·ρ (the paper)."
+        ),
+    ] = None,
     group_ista: Annotated[
         bool, typer.Option("--group-ista", help="Also penalise residual streams (group lasso).")
     ] = False,

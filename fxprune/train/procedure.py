@@ -7,6 +7,9 @@
   it, so the averaged model compiles to the same channels.
 - `plateaued`: the paper's stop rule, cross-entropy, sparsity and the lasso term
   all flat over the last epochs.
+- `choose_alpha`: the γ–W rescaling factor of the paper's advice, rescaled γ
+  around 100·μ·λ·ρ, so a channel the data does not need reaches zero in about
+  100 steps.
 """
 
 from __future__ import annotations
@@ -21,10 +24,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fxprune.errors import UsageError
 
-__all__ = ["RhoSchedule", "ParameterEma", "plateaued", "PLATEAU_EPOCHS", "PLATEAU_TOLERANCE"]
+__all__ = [
+    "RhoSchedule", "ParameterEma", "plateaued", "choose_alpha", "PLATEAU_EPOCHS",
+    "PLATEAU_TOLERANCE", "PROX_STEPS",
+]  # fmt: skip
 
 PLATEAU_EPOCHS = 3  # epochs whose records must all agree
 PLATEAU_TOLERANCE = 0.02  # relative change of ce and lasso; absolute change of sparsity
+PROX_STEPS = 100  # the paper: choose α so the rescaled γ sit near 100·μ·λ·ρ
 _PIECE = re.compile(r"^\s*([0-9.eE+-]+)\s*(?::\s*([0-9]+)\s*(ep)?\s*)?$")
 
 
@@ -121,3 +128,22 @@ def plateaued(history: list[dict], epochs: int = PLATEAU_EPOCHS) -> bool:
         if spread > PLATEAU_TOLERANCE * max(scale, 1e-12):
             return False
     return True
+
+
+def choose_alpha(
+    *, gamma_mean: float, lam_mean: float, lasso_sum: float, ce: float, lr: float,
+    rho: float | None,
+) -> float:  # fmt: skip
+    """α ≤ 1 that puts the mean rescaled γ at PROX_STEPS·μ·λ̄·ρ.
+
+    With a given ρ that is α = 100·μ·λ̄·ρ/γ̄. With ρ chosen by the trainer
+    (ρ = CE/(α·Σλ|γ|) once rescaled) both are solved together:
+    α = √(100·μ·λ̄·CE/(γ̄·Σλ|γ|)).
+    """
+    if gamma_mean <= 0 or lasso_sum <= 0 or not math.isfinite(ce):
+        return 1.0
+    if rho is None:
+        alpha = math.sqrt(PROX_STEPS * lr * lam_mean * ce / (gamma_mean * lasso_sum))
+    else:
+        alpha = PROX_STEPS * lr * lam_mean * rho / gamma_mean
+    return min(1.0, alpha) if alpha > 0 else 1.0

@@ -51,7 +51,7 @@ from fxprune.train.ista import (
     suggest_rho,
     unscale,
 )
-from fxprune.train.procedure import ParameterEma, RhoSchedule, plateaued
+from fxprune.train.procedure import ParameterEma, RhoSchedule, choose_alpha, plateaued
 
 MODES = ("ista", "slimming", "sfp", "l1", "none")
 SCHEDULES = ("cosine", "step", "none", "auto")
@@ -82,7 +82,7 @@ class TrainConfig:
     optimizer: str = "sgd"
     ema: float | None = None
     until_plateau: bool = False
-    alpha: float = 1.0
+    alpha: float | None = None
     group_ista: bool = False
     snapshot_at: list[float] = field(default_factory=list)
     seed: int = 0
@@ -107,7 +107,9 @@ class TrainConfig:
             raise UsageError(f"--ema must be in (0, 1), e.g. 0.999; got {self.ema}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise UsageError("--epochs and --batch-size must be ≥ 1 and --lr > 0")
-        if not self.alpha > 0 or (isinstance(self.rho, float | int) and self.rho < 0):
+        if (self.alpha is not None and not self.alpha > 0) or (
+            isinstance(self.rho, float | int) and self.rho < 0
+        ):
             raise UsageError("--alpha must be > 0 and --rho ≥ 0")
         for name in ("sfp_rate", "l1_rate", "sparsity"):
             if not 0 <= getattr(self, name) < 1:
@@ -151,7 +153,7 @@ def demo_recipe() -> DemoRecipe:
         source="zoo:convnet",
         data="synthetic",
         pretrain=TrainConfig(epochs=4, lr=0.05, mode="none", schedule="cosine"),
-        ista=TrainConfig(epochs=6, lr=0.02, mode="ista", rho=0.004, alpha=0.2),
+        ista=TrainConfig(epochs=6, lr=0.02, mode="ista", rho=0.004, alpha=0.2, schedule="cosine"),
     )
 
 
@@ -287,12 +289,12 @@ class Trainer:
     def _start(self) -> None:
         """Mode set-up that happens once per run, before the first epoch."""
         cfg = self.cfg
-        if cfg.mode == "ista" and self.alpha_applied != cfg.alpha:
-            factor = cfg.alpha / self.alpha_applied
+        if cfg.mode == "ista" and self.epoch == 0 and self.alpha_applied == 1.0:
+            alpha = cfg.alpha if cfg.alpha is not None else self._auto_alpha()
             self.refused = rescale(
-                self.model, self.gm, self.analysis, factor, group_ista=cfg.group_ista
+                self.model, self.gm, self.analysis, alpha, group_ista=cfg.group_ista
             )
-            self.alpha_applied = cfg.alpha
+            self.alpha_applied = alpha
         if cfg.mode == "l1" and self.epoch == 0 and not self.mask:
             chosen = self._lowest_filters(cfg.l1_rate, p=1)
             self.mask = self._zero_classes(chosen, weights=False)
@@ -371,7 +373,8 @@ class Trainer:
         rho = getattr(self.optimizer, "rho", 0.0)
         record = self.monitor.record(
             epoch + 1, ce=ce, accuracy=test_acc, train_accuracy=train_acc, test_loss=test_loss,
-            lr=lr, rho=rho, mode=self.cfg.mode, seconds=round(seconds, 2),
+            lr=lr, rho=rho, alpha=self.alpha_applied, mode=self.cfg.mode,
+            seconds=round(seconds, 2),
         )  # fmt: skip
         self.epoch = epoch + 1
         self._snapshots(epoch, None)
@@ -421,6 +424,25 @@ class Trainer:
             ce /= self.world
         self.optimizer.rho = suggest_rho(float(ce), lasso_term(self.model, self.targets))
         self.pending_rho = False
+
+    def _auto_alpha(self) -> float:
+        """`choose_alpha` from the first batch's cross-entropy (eval mode: no BN update)."""
+        x, y = next(iter(self.loader))
+        self.model.eval()
+        with torch.no_grad():
+            ce = F.cross_entropy(self.model(x.to(self.device)), y.to(self.device))
+        if self.world > 1:
+            dist.all_reduce(ce)
+            ce /= self.world
+        gammas = torch.cat([
+            self.model.get_submodule(t.module).weight.detach().abs().cpu()[t.positions]
+            for t in self.targets
+        ])  # fmt: skip
+        lam = np.concatenate([t.lam for t in self.targets])
+        rho = self.rho_schedule.at(0, 0) if self.rho_schedule else None
+        return choose_alpha(gamma_mean=float(gammas.mean()), lam_mean=float(lam.mean()),
+                            lasso_sum=lasso_term(self.model, self.targets), ce=float(ce),
+                            lr=self.cfg.lr, rho=rho)  # fmt: skip
 
     def _slimming_subgradient(self) -> None:
         with torch.no_grad():
