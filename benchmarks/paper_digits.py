@@ -36,23 +36,22 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fxprune.channels import analyse
-from fxprune.compile import compile_model, max_relative_error, run_model
-from fxprune.data import load_data
+from fxprune.analysis import analyse
+from fxprune.compile import compile_model
 from fxprune.errors import FxpruneError
-from fxprune.ista import penalty_targets
 from fxprune.load import load_source
 from fxprune.report import count_model
 from fxprune.trace import trace_model
 from fxprune.train import TrainConfig, evaluate, train
+from fxprune.train.data import load_data
+from fxprune.train.ista import penalty_targets
+from fxprune.verify import relative_error, run_model
 
-SOURCE = "zoo:convnet"
-PAPER_CONVNET = (  # Ye et al. 2018, Table 1 (CIFAR-10): params, accuracy %
-    ("base", 1_986_760, 89.0),
-    ("A", 309_655, 89.5),
-    ("B", 207_583, 87.6),
-    ("C", 144_935, 86.0),
-)
+PAPER = {  # Ye et al. 2018, Tables 1 and 2 (CIFAR-10): params, accuracy %
+    "zoo:convnet": (("base", 1_986_760, 89.0), ("A", 309_655, 89.5), ("B", 207_583, 87.6),
+                    ("C", 144_935, 86.0)),
+    "zoo:resnet20": (("base", 281_304, 92.0), ("A", 176_596, 90.9), ("B", 90_504, 88.8)),
+}  # fmt: skip
 FLOP_TOLERANCE = 0.05
 
 
@@ -69,6 +68,7 @@ class Budget:
     rhos: tuple[float | str, ...] = (0.0005, 0.001, 0.002)
     slimming_lambda: float = 1e-3
     batch_size: int = 64
+    source: str = "zoo:resnet20"
     ema: float | None = None  # the paper evaluates model A with an EMA of the weights
     until_plateau: bool = False  # stop ISTA early on the paper's three criteria
     device: str = "cpu"
@@ -117,7 +117,7 @@ def compiled(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, float]
     traced, _ = traced_of(model, example)
     result = compile_model(traced)
     x = torch.randn(8, *example.shape[1:])
-    return result.gm, max_relative_error(run_model(model, x), run_model(result.gm, x))
+    return result.gm, relative_error(run_model(model, x), run_model(result.gm, x))
 
 
 def measure(model: nn.Module, example: torch.Tensor, data, error: float = 0.0, note: str = ""):
@@ -224,7 +224,7 @@ def baseline(name, base, data, budget, example, seed, target_flops) -> Measured:
 
 def one_seed(seed: int, data, budget: Budget, example) -> dict[str, Measured]:
     torch.manual_seed(seed)
-    base = load_source(SOURCE, seed=seed).module
+    base = load_source(budget.source, seed=seed, input_shape=tuple(example.shape)).module
     config = budget.config(seed, epochs=budget.base_epochs, lr=budget.lr, mode="none")
     base, _ = fit(base, data, config, example)
     rows = {"base": measure(base, example, data)}
@@ -248,9 +248,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def table(results: list[dict[str, Measured]]) -> list[str]:
+def table(results: list[dict[str, Measured]], source: str) -> list[str]:
     base_flops = statistics.fmean(r["base"].flops for r in results)
-    paper = {f"ISTA {n}" if n != "base" else n: (p, a) for n, p, a in PAPER_CONVNET}
+    paper = {f"ISTA {n}" if n != "base" else n: (p, a) for n, p, a in PAPER.get(source, ())}
     lines = ["| model | params | FLOPs | FLOPs % | accuracy % (mean ± std) | max rel. error "
              "| paper, CIFAR-10: params · accuracy % |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -296,6 +296,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rho", help="ρ of A,B,C (default 0.0005,0.001,0.002)")
     parser.add_argument("--out", help="also write the markdown here")
     parser.add_argument("--train-size", type=int, help="cap the training images (smoke runs)")
+    parser.add_argument("--model", default="zoo:resnet20", help="zoo:resnet20 or zoo:convnet")
+    parser.add_argument("--image-size", type=int, default=16, help="side (zoo:convnet needs 32)")
     args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     return args
@@ -306,7 +308,7 @@ def scaled_budget(args: argparse.Namespace) -> Budget:
     e = {k: max(1, round(getattr(b, k) * args.scale))
          for k in ("base_epochs", "prune_epochs", "finetune_epochs")}  # fmt: skip
     rhos = tuple(float(v) for v in args.rho.split(",")) if args.rho else b.rhos
-    return Budget(**{**b.__dict__, **e, "rhos": rhos})
+    return Budget(**{**b.__dict__, **e, "rhos": rhos, "source": args.model})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,14 +316,16 @@ def main(argv: list[str] | None = None) -> int:
     budget = scaled_budget(args)
     started = time.perf_counter()
     try:
-        data = load_data("sklearn-digits", batch_size=budget.batch_size, train_size=args.train_size)
+        data = load_data("sklearn-digits", batch_size=budget.batch_size,
+                         train_size=args.train_size, image_size=args.image_size)  # fmt: skip
         example = torch.zeros(data.input_shape)
         results = [one_seed(seed, data, budget, example) for seed in args.seeds]
     except FxpruneError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     seeds = ",".join(map(str, args.seeds))
-    command = f"python benchmarks/paper_digits.py --seeds {seeds} --scale {args.scale:g}"
+    command = (f"python benchmarks/paper_digits.py --model {args.model} --image-size "
+               f"{args.image_size} --seeds {seeds} --scale {args.scale:g}")  # fmt: skip
     if args.rho:
         command += f" --rho {args.rho}"
     if args.train_size:
@@ -331,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({torch.get_num_threads()} threads); {len(args.seeds)} seeds; epochs: base "
         f"{budget.base_epochs}, each pruning stage {budget.prune_epochs}, fine-tune "
         f"{budget.finetune_epochs}; ρ of A/B/C {', '.join(map(str, budget.rhos))}.", "",
-        *table(results), "", "At B's FLOPs (±5 %):", "", *verdicts(results), "",
+        *table(results, budget.source), "", "At B's FLOPs (±5 %):", "", *verdicts(results), "",
     ])  # fmt: skip
     print(text)
     if args.out:

@@ -106,3 +106,36 @@ def test_ema_keeps_the_live_zeros_and_a_rho_schedule_applies(tmp_path):
         gamma = trained.get_submodule(t.module).weight
         assert torch.equal(gamma == 0, model.get_submodule(t.module).weight == 0)
     assert result.history[-1]["lasso"] == pytest.approx(2.0 * result.history[-1]["lasso_sum"])
+
+
+def test_readme_ista_command_reaches_exact_zeros_that_compile(tmp_path, monkeypatch):
+    """The README's `fxprune train zoo:convnet --data synthetic --mode ista ...` with its
+    defaults (constant lr, automatic ρ and α) ends with many exact zeros, and the
+    compiled model computes the same function. Smaller data and batches keep it fast;
+    the ~100 steps are what the automatic α aims at."""
+    import functools
+
+    import fxprune.train.data
+    from fxprune.cli.train_cmd import register
+    from fxprune.compile import compile_model
+    from fxprune.verify import relative_error, run_model
+
+    small = functools.partial(fxprune.train.data.load_data, test_size=32)
+    monkeypatch.setattr(fxprune.train.data, "load_data", small)
+    app = typer.Typer()
+    register(app)
+    out = tmp_path / "run.pt"
+    args = ["train", "zoo:convnet", "--data", "synthetic:128", "--mode", "ista", "--epochs", "3",
+            "--batch-size", "4", "--out", str(out), "--snapshot-at", "0.3,0.99"]  # fmt: skip
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert "lasso" in done.stderr and "no snapshot at 99%" in done.stderr
+    model = load_source(str(out)).module.eval()
+    traced = trace_model(model, torch.randn(1, 3, 32, 32))
+    targets = penalty_targets(traced.gm, analyse(traced.gm))
+    zeros = sum(int((model.get_submodule(t.module).weight == 0).sum()) for t in targets)
+    assert zeros >= 0.3 * sum(len(t.positions) for t in targets)
+    compact = compile_model(traced)
+    x = torch.randn(8, 3, 32, 32)
+    assert compact.removed_classes >= zeros
+    assert relative_error(run_model(model, x), run_model(compact.gm, x)) <= 1e-4

@@ -236,20 +236,19 @@ def test_fxprune_train_under_torchrun(tmp_path):
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.module.modules())
 
 
+@pytest.mark.slow
 def test_paper_benchmark_smoke_run(tmp_path):
-    """benchmarks/paper_cifar10.py end to end on a sliver of the built-in data: the
-    compiled model keeps the ISTA-trained accuracy exactly and the table is written."""
+    """benchmarks/paper_cifar10.py end to end on a sliver of the built-in data: every
+    compiled model computes its trained model's function and the table is written."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_cifar10.py"
     out = tmp_path / "paper.md"
-    args = ["--data", "synthetic", "--model", "convnet", "--epochs-scale", "0.001",
-            "--train-size", "256", "--test-size", "128", "--batch-size", "64",
-            "--rho", "0.01", "--work", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+    args = ["--data", "synthetic", "--epochs-scale", "0.001", "--train-size", "128",
+            "--test-size", "64", "--batch-size", "32", "--rho", "0.01/0.02/0.04",
+            "--out", str(out)]  # fmt: skip
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     text = out.read_text()
-    assert "| base " in text and "| A (ρ=0.01) " in text and "1,986,760" in text
-    note = next(line for line in text.splitlines() if line.startswith("- A:"))
-    trained = note.split("ISTA-trained ")[1].split("%")[0]
-    compiled = note.split("compiled ")[1].split("%")[0]
-    assert trained == compiled, note
-    assert float(note.rsplit(" ", 1)[-1]) < TOLERANCE, note
+    assert "| base " in text and "| ISTA C " in text and "1,986,760" in text
+    for line in text.splitlines():
+        if line.startswith("| ISTA") or line.startswith("| SFP"):
+            assert float(line.split("|")[6]) < TOLERANCE, line  # max relative error column
