@@ -19,13 +19,15 @@ tests/test_zoo.py; BN running statistics are buffers, not parameters):
   and moving variance after every layer; counting our BN running statistics
   (buffers here, 2 x 864) gives 1,986,730, 30 short of it. The paper does not
   say how it counted, so this is our reading, not a fact.
-- ``resnet20``: 272,474 (paper: 281,304; He et al. 2016 report "0.27M"). We
-  use option B shortcuts: the two downsampling blocks get a 1x1 conv + BN
-  projection (2,560 weights + 192 BN parameters) so that torch.fx sees a real
-  conv producing the shortcut channels, instead of option A's strided slice
-  and zero padding. Option A would give 269,722. The paper does not describe
-  its shortcut or how it counted, and we could not reconstruct 281,304 from
-  either option.
+- ``resnet20``: 272,474 (paper: 281,304; He et al. 2016 report "0.27M"). He
+  et al.'s CIFAR ResNets use option A shortcuts (a strided slice and zero
+  channel padding, no parameters); Ye et al. only say they prune the channels
+  inside residual modules, which either option allows. We use option B: the
+  two downsampling blocks get a 1x1 conv + BN projection (2,560 weights + 192
+  BN parameters), so torch.fx sees a real conv producing the shortcut
+  channels. Option A would give 269,722. Counting the BN running statistics
+  too (the paper's ConvNet figure does) gives 271,098 (option A) or 274,042
+  (option B); we could not reconstruct 281,304 from any of these readings.
 
 No module has control flow that depends on tensor values, so all of them
 trace with ``torch.fx.symbolic_trace``.
