@@ -168,7 +168,7 @@ def global_gamma(model, targets, f):
 def match_flops(model, example, order, target: int) -> tuple[float, int]:
     """Bisection on the fraction f so the compiled model's FLOPs are within ±5 % of `target`."""
     low, high, best = 0.0, 0.99, (0.0, count_model(model, example).flops)
-    for _ in range(12):
+    for _ in range(10):
         f = (low + high) / 2
         flops = count_model(compiled(zero_fraction(model, example, order, f), example)[0],
                             example).flops  # fmt: skip
@@ -203,8 +203,10 @@ def ista_chain(base, data, budget, example, seed) -> list[Measured]:
     return rows
 
 
-def baseline(name, base, data, budget, example, seed, target_flops) -> Measured:
-    """Slimming, L1 or SFP from `base`, pruned to `target_flops`, compiled, fine-tuned."""
+def baseline(name, base, data, budget, example, seed, target_flops, rate=None) -> Measured:
+    """Slimming, L1 or SFP from `base`, pruned to `target_flops`, compiled, fine-tuned.
+    `rate`: L1/SFP's per-layer fraction when already matched (it does not depend on
+    the weights)."""
     model = copy.deepcopy(base)
     common = dict(epochs=budget.prune_epochs, lr=budget.ista_lr)
     if name == "slimming":  # train with the L1 subgradient, then one global threshold
@@ -214,7 +216,7 @@ def baseline(name, base, data, budget, example, seed, target_flops) -> Measured:
         f, _ = match_flops(model, example, global_gamma, target_flops)
         model = zero_fraction(model, example, global_gamma, f)
     else:  # the per-layer rate that gives the target FLOPs
-        f, _ = match_flops(model, example, per_layer, target_flops)
+        f = rate if rate is not None else match_flops(model, example, per_layer, target_flops)[0]
         mode = {"l1": "l1", "sfp": "sfp"}[name]
         fit(model, data, budget.config(seed, mode=mode, l1_rate=f, sfp_rate=f, **common), example)
     small, error = compiled(model, example)
@@ -232,8 +234,9 @@ def one_seed(seed: int, data, budget: Budget, example) -> dict[str, Measured]:
     for label, m in zip("ABC", ista_chain(base, data, budget, example, seed), strict=False):
         rows[f"ISTA {label}"] = m
     target = rows["ISTA B"].flops
+    rate = match_flops(base, example, per_layer, target)[0]
     for name in ("slimming", "l1", "sfp"):
-        rows[name] = baseline(name, base, data, budget, example, seed, target)
+        rows[name] = baseline(name, base, data, budget, example, seed, target, rate)
         say(f"seed {seed} {name}: {rows[name].accuracy:.1f}% at {rows[name].flops:,} FLOPs")
     return rows
 
@@ -297,6 +300,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="also write the markdown here")
     parser.add_argument("--train-size", type=int, help="cap the training images (smoke runs)")
     parser.add_argument("--model", default="zoo:resnet20", help="zoo:resnet20 or zoo:convnet")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no contention)")
     parser.add_argument("--image-size", type=int, default=16, help="side (zoo:convnet needs 32)")
     args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -314,6 +318,7 @@ def scaled_budget(args: argparse.Namespace) -> Budget:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     budget = scaled_budget(args)
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     try:
         data = load_data("sklearn-digits", batch_size=budget.batch_size,
