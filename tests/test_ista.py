@@ -46,10 +46,10 @@ def resnet20():
     return traced("zoo:resnet20")
 
 
-def eq2(k: int, c_in: int, consumers: list[tuple[int, int]], size: int) -> float:
-    """Eq. 2 by hand: (k·k·c_in + Σ k'·k'·c_out' + I·I) / (I·I)."""
-    area = size * size
-    return (k * k * c_in + sum(kk * kk * c for kk, c in consumers) + area) / area
+def eq2(k: int, c_in: int, consumers: list[tuple[int, int]], size: int, image: int = 32) -> float:
+    """Eq. 2 by hand: (k·k·c_in + Σ k'·k'·c_out' + I·I) / (I_w^i·I_h^i), the divisor
+    being the network's input image size (the same for every layer)."""
+    return (k * k * c_in + sum(kk * kk * c for kk, c in consumers) + size * size) / image**2
 
 
 def test_convnet_penalties_match_eq2(convnet):
@@ -63,7 +63,18 @@ def test_convnet_penalties_match_eq2(convnet):
             "classifier.2": eq2(1, 3072, [(1, 10)], 1),  # fc 3072 -> 384 -> BN -> fc 10
         }
     )
-    assert lam["features.9"] == pytest.approx(124.0)
+    # The values computed by hand from the paper's Eq. 2 for its ConvNet at 32x32.
+    by_hand = {"features.1": 5.761, "features.5": 4.281, "features.9": 7.75, "classifier.2": 3.011}
+    assert {k: round(v, 3) for k, v in lam.items()} == by_hand
+
+
+def test_penalty_divisor_is_the_input_image_size():
+    loaded = load_source("zoo:resnet20")
+    for side in (16, 32):
+        t = trace_model(loaded.module, torch.randn(1, 3, side, side))
+        lam = layer_penalties(t.gm, analyse(t.gm))
+        # layer3 runs at side/4: (9·64 + 9·64 + (side/4)²) / side²
+        assert lam["layer3.1.bn1"] == pytest.approx((2 * 9 * 64 + (side // 4) ** 2) / side**2)
 
 
 def test_resnet20_penalties_match_eq2(resnet20):
@@ -76,10 +87,14 @@ def test_resnet20_penalties_match_eq2(resnet20):
     expected |= {f"layer3.{i}.bn1": eq2(3, 64, [(3, 64)], 8) for i in (1, 2)}
     for name, value in expected.items():
         assert lam[name] == pytest.approx(value), name
-    # The stem's residual stream (generalised): 4 producers, 5 consumers, 4 BNs at 32x32.
+    # The stem's residual stream (generalised): 4 producers, 5 consumers, 4 BNs at 32x32,
+    # over the same input-image divisor.
     producers = 3 * 9 + 3 * 16 * 9
     consumers = 3 * 9 * 16 + 9 * 32 + 1 * 32
     assert lam["stem.1"] == pytest.approx((producers + consumers + 4 * 1024) / 1024)
+    # Stage 3's stream (BNs at 8x8) is divided by 32x32 too, not by 8x8.
+    stream = lam["layer3.0.bn2"]
+    assert stream == pytest.approx(lam["layer3.1.bn2"]) and stream < 20
     assert len(class_costs(gm, analysis)) == analysis.num_classes
 
 
@@ -100,14 +115,14 @@ def ista_setup(model, gm, analysis, lr=0.1, rho=0.01, group_ista=False, momentum
 def test_prox_soft_thresholds_to_exact_zeros(convnet):
     module, gm, analysis = convnet
     model = copy.deepcopy(module)
-    targets, opt = ista_setup(model, gm, analysis, lr=0.1, rho=0.01)
+    targets, opt = ista_setup(model, gm, analysis, lr=0.1, rho=0.1)
     bn = model.get_submodule("features.9")
     with torch.no_grad():
-        bn.weight.copy_(torch.linspace(-2, 2, 192))
+        bn.weight.copy_(torch.linspace(-0.2, 0.2, 192))
     before = bn.weight.detach().clone()
     opt.zero_grad()
     opt.step()  # no gradients: only the prox acts
-    shrink = 0.1 * 0.01 * 124.0
+    shrink = 0.1 * 0.1 * 7.75
     expected = before.sign() * (before.abs() - shrink).clamp(min=0)
     assert torch.allclose(bn.weight.detach(), expected, atol=1e-6)
     zeros = bn.weight.detach() == 0  # exact zeros, exactly where |γ| ≤ lr·ρ·λ
