@@ -199,7 +199,7 @@ def test_cli_train_evaluate_finetune(app, tmp_path, monkeypatch):
         "--batch-size",
         "32",
         "--rho",
-        "2",
+        "20",
         "--alpha",
         "0.5",
         "--snapshot-at",
