@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/conv_path.py
 	$(BIN)/python benchmarks/trace_time.py
 	$(BIN)/python benchmarks/ista_overhead.py
+	$(BIN)/python benchmarks/paper_digits.py --jobs 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -3,11 +3,14 @@
 For each seed, on scikit-learn's 1,797 UCI digit scans (upscaled to 32×32, fixed
 split of 1,437 train / 360 test images):
 
-1. base: zoo:convnet (the paper's CIFAR-10 ConvNet) trained normally;
+1. base: `--model` (default zoo:resnet20 at 16×16, so three seeds fit on two
+   CPU cores; zoo:convnet, the paper's ConvNet, needs --image-size 32) trained
+   normally;
 2. ISTA A, B, C chained as in the paper: ISTA-train the base at ρ_A, compile the
    dead channels away (exact), fine-tune; ISTA-train that compiled model at ρ_B,
    compile, fine-tune; then ρ_C. Chained in-process from the compiled
-   GraphModule (no checkpoint round trip);
+   GraphModule (the data-only checkpoints of compiled models had not landed
+   on main when this was written, so there is no checkpoint round trip);
 3. Network Slimming (Liu et al. 2017, L1 subgradient on γ, then one global γ
    threshold), L1-filter (Li et al. 2017, one-shot per-layer rate, then
    training with the filters held at zero) and SFP (He et al. 2018, soft filter
@@ -19,8 +22,8 @@ Parameters and FLOPs are fvcore's counts of the compiled models; accuracy is on
 the test split, mean ± std over the seeds. The paper's CIFAR-10 ConvNet numbers
 are printed beside for reference (their data, not ours).
 
-    python benchmarks/paper_digits.py                      # 3 seeds, the table in docs/paper.md
-    python benchmarks/paper_digits.py --seeds 0,1,2,3,4 --out docs/paper-digits.md
+    python benchmarks/paper_digits.py --jobs 3             # 3 seeds, the table in docs/paper.md
+    python benchmarks/paper_digits.py --seeds 0,1,2,3,4 --model zoo:convnet --image-size 32
 """
 
 from __future__ import annotations
