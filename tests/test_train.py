@@ -69,8 +69,10 @@ def test_resume_reproduces_the_uninterrupted_run(resnet, tiny, tmp_path):
     straight, result = run(resnet, tiny, config, tmp_path / "straight.pt")
     with pytest.raises(Killed):  # killed right after epoch 1's checkpoint was written
         run(resnet, tiny, config, tmp_path / "killed.pt", progress=kill_after_epoch(1))
+    events: list[dict] = []
     resumed, again = run(resnet, tiny, config, tmp_path / "killed.pt",
-                         resume=tmp_path / "killed.pt")  # fmt: skip
+                         resume=tmp_path / "killed.pt", progress=events.append)  # fmt: skip
+    assert events[0]["event"] == "resume" and (events[0]["epoch"], events[0]["step"]) == (1, 2)
     for (key, a), b in zip(
         straight.state_dict().items(), resumed.state_dict().values(), strict=True
     ):
