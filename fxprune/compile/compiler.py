@@ -19,9 +19,10 @@ import torch.fx as fx
 from fxprune.analysis import ANALYSIS_KEY, analyse
 from fxprune.compile.dce import eliminate_dead_code
 from fxprune.compile.liveness import find_liveness
+from fxprune.compile.plan import ChannelPlan
 from fxprune.compile.removal import balance_and_keep, removable_classes, widen
 from fxprune.compile.rewrite import Rewriter
-from fxprune.errors import UsageError
+from fxprune.errors import CheckpointError, UsageError
 from fxprune.trace import Traced, propagate_shapes
 
 ABSORB_MODES = ("exact", "bias")
@@ -53,17 +54,23 @@ class CompileResult:
     removed_classes: int
     total_classes: int
     notes: list[str] = field(default_factory=list)
+    plan: ChannelPlan | None = None  # the structural decisions, as data (checkpoints)
 
     @property
     def changed(self) -> bool:
         return self.removed_classes > 0 or any("branch" in n for n in self.notes)
 
 
-def compile_model(traced: Traced, options: CompileOptions | None = None) -> CompileResult:
+def compile_model(
+    traced: Traced, options: CompileOptions | None = None, *, plan: ChannelPlan | None = None
+) -> CompileResult:
     """Remove every removable channel of `traced.gm`; return a new GraphModule.
 
     The result computes the same function in eval mode (up to float rounding;
-    with `absorb="bias"` up to the paper's border error).
+    with `absorb="bias"` up to the paper's border error). `result.plan` records
+    the structural decisions. Given a `plan`, the compiler takes its decisions
+    instead of reading the weights and rebuilds the same structure, with
+    placeholder values until the matching state_dict is loaded (checkpoints).
     """
     options = options or CompileOptions()
     gm = working_copy(traced.gm)
@@ -71,11 +78,12 @@ def compile_model(traced: Traced, options: CompileOptions | None = None) -> Comp
         propagate_shapes(gm, traced.example)  # a GraphModule that was never traced by us
     analysis = traced.gm.meta.get(ANALYSIS_KEY) if _analysed(traced.gm) else None
     analysis = analysis or analyse(gm)
-    liveness = find_liveness(gm, traced.example)
-    removed = removable_classes(gm, analysis, liveness)
-    notes = balance_and_keep(gm, analysis, removed)
-    notes += widen(gm, analysis, removed, round_to=options.round_to, min_width=options.min_width)
-    rewriter = Rewriter(gm, analysis, liveness, removed, options.absorb)
+    if plan is None:
+        liveness = find_liveness(gm, traced.example)
+        removed, notes = _decide(gm, analysis, liveness, options)
+    else:
+        liveness, removed, notes = None, _replayed_mask(plan, analysis.num_classes), []
+    rewriter = Rewriter(gm, analysis, liveness, removed, options.absorb, replay=plan)
     rewriter.apply()
     notes += rewriter.notes
     gm.graph.lint()
@@ -87,7 +95,24 @@ def compile_model(traced: Traced, options: CompileOptions | None = None) -> Comp
         node.meta.pop("channels", None)
         node.meta.pop("channel_rule", None)
     gm.meta.clear()
-    return CompileResult(gm, int(removed.sum()), analysis.num_classes, notes)
+    return CompileResult(gm, int(removed.sum()), analysis.num_classes, notes, rewriter.plan())
+
+
+def _decide(gm, analysis, liveness, options: CompileOptions):
+    """The classes to remove (a mask) and notes on what was kept, from the weights."""
+    removed = removable_classes(gm, analysis, liveness)
+    notes = balance_and_keep(gm, analysis, removed)
+    notes += widen(gm, analysis, removed, round_to=options.round_to, min_width=options.min_width)
+    return removed, notes
+
+
+def _replayed_mask(plan: ChannelPlan, num_classes: int):
+    if plan.num_classes != num_classes:
+        raise CheckpointError(
+            f"the channel plan is for {plan.num_classes} channel classes, the traced base "
+            f"has {num_classes} (compiled by another fxprune version?)"
+        )
+    return plan.mask()
 
 
 def working_copy(gm: fx.GraphModule) -> fx.GraphModule:

@@ -23,6 +23,8 @@ from fxprune.compile.liveness import (
     per_row_inputs,
     zero_padded,
 )
+from fxprune.compile.plan import ChannelPlan
+from fxprune.errors import CheckpointError
 from fxprune.modules import BorderTerm
 
 
@@ -69,18 +71,30 @@ class Rewriter:
     and constants folded into biases and running means: the graph itself (the
     user's Python code) is left as it is, so the removal plan must not need a
     constant branch or a changed literal argument; border terms are collected in
-    `borders` for the caller to place.
+    `borders` for the caller to place. With `replay` (a ChannelPlan), the plan's
+    decisions are taken instead of reading `liveness` (then None): the same
+    structure, placeholder values.
     """
 
     def __init__(
-        self, gm, analysis, liveness, removed: np.ndarray, absorb: str, graph_edits: bool = True
+        self,
+        gm,
+        analysis,
+        liveness,
+        removed: np.ndarray,
+        absorb: str,
+        graph_edits: bool = True,
+        replay=None,
     ) -> None:
         self.gm, self.analysis, self.live, self.absorb = gm, analysis, liveness, absorb
         self.graph_edits = graph_edits
         self.borders: dict[str, BorderTerm] = {}  # without graph edits: conv path -> its term
+        self.replay = replay
         self.modules = dict(gm.named_modules())
         self.notes: list[str] = []
         self.removed = removed
+        self.constant_branches: list[tuple[str, str]] = []  # decisions, for the plan
+        self.absorbed: dict[str, str] = {}
         self.keep: dict[fx.Node, object] = {}
         for node in channel_nodes(gm):
             ids = node.meta["channels"]
@@ -102,8 +116,29 @@ class Rewriter:
                 self.rewrite_conv(node)
             elif node.op == "call_module" and rule == "bn":
                 self.rewrite_bn(node)
+            elif node.op == "call_module" and rule == "border":
+                self.rewrite_border(node)
             elif node.op in ("call_function", "call_method") and self.graph_edits:
                 self.rewrite_args(node)
+        if self.replay is not None:
+            self.check_replayed()
+
+    def check_replayed(self) -> None:
+        """Every decision of the replayed plan was taken: the plan fits this graph."""
+        plan = self.replay
+        if sorted(self.constant_branches) != sorted(plan.constant_branches) or sorted(
+            self.absorbed
+        ) != sorted(plan.absorbed):
+            raise CheckpointError("the channel plan does not fit the traced base model")
+
+    def plan(self) -> ChannelPlan:
+        """The decisions taken, as a ChannelPlan (plain data, see compile/plan.py)."""
+        return ChannelPlan(
+            num_classes=self.analysis.num_classes,
+            removed=np.nonzero(self.removed)[0].tolist(),
+            constant_branches=list(self.constant_branches),
+            absorbed=dict(self.absorbed),
+        )
 
     # -- layer pruning -----------------------------------------------------
     def prune_constant_operands(self, node: fx.Node) -> None:
@@ -113,22 +148,48 @@ class Rewriter:
         )
         if not is_binary or node.meta["channel_rule"] != "elementwise":
             return
-        aligned, _ = aligned_operands(node)
-        out_shape = tensor_shape(node)
-        full = [a for a in aligned if tensor_shape(a) == out_shape and not self.live.const[a].all()]
-        constant = [a for a in aligned if self.live.const[a].all() and a.op != "get_attr"]
-        if not full or not constant or len(node.meta["channels"].shape) != 1:
+        branch = self._replayed_branch(node) if self.replay else self._constant_branch(node)
+        if branch is None:
             return
-        branch = constant[-1]
         keep = self.keep[node]
-        values = torch.tensor(self.live.values[branch][keep])
-        shape = (1, int(keep.sum())) + (1,) * (len(out_shape) - 2)
-        name = f"{branch.name}_constant"
+        if self.replay:
+            values = torch.zeros(int(keep.sum()), dtype=torch.float64)  # from the state_dict
+        else:
+            values = torch.tensor(self.live.values[branch][keep])
+        self.constant_branches.append((node.name, branch.name))
+        shape = (1, int(keep.sum())) + (1,) * (len(tensor_shape(node)) - 2)
+        name = self._free_name(f"{branch.name}_constant")
         self.gm.register_buffer(name, values.reshape(shape).to(_dtype_of(node)))
         with self.gm.graph.inserting_before(node):
             const_node = self.gm.graph.get_attr(name)
         node.replace_input_with(branch, const_node)
         self.notes.append(f"{node.name}: branch {branch.name} is constant, replaced by a constant")
+
+    def _free_name(self, name: str) -> str:
+        """`name`, or `name_1`, `name_2`...: a compiled model compiled again keeps
+        the attributes its first compile added."""
+        taken = {n for n, _ in self.gm.named_children()} | set(dict(self.gm.named_buffers()))
+        candidate, number = name, 0
+        while candidate in taken or hasattr(self.gm, candidate):
+            number += 1
+            candidate = f"{name}_{number}"
+        return candidate
+
+    def _constant_branch(self, node: fx.Node) -> fx.Node | None:
+        aligned, _ = aligned_operands(node)
+        out_shape = tensor_shape(node)
+        full = [a for a in aligned if tensor_shape(a) == out_shape and not self.live.const[a].all()]
+        constant = [a for a in aligned if self.live.const[a].all() and a.op != "get_attr"]
+        if not full or not constant or len(node.meta["channels"].shape) != 1:
+            return None
+        return constant[-1]
+
+    def _replayed_branch(self, node: fx.Node) -> fx.Node | None:
+        names = [b for n, b in self.replay.constant_branches if n == node.name]
+        branch = [a for a in node.all_input_nodes if a.name in names]
+        if not names or len(branch) != 1 or len(node.meta["channels"].shape) != 1:
+            return None  # a plan naming anything else is caught by Rewriter.check_replayed
+        return branch[0]
 
     # -- modules -----------------------------------------------------------
     def rewrite_conv(self, node: fx.Node) -> None:
@@ -171,6 +232,12 @@ class Rewriter:
 
     def _absorbed(self, node, module, x, in_keep) -> torch.Tensor | None:
         """(out, *kernel) contribution of the removed constant inputs, or None."""
+        if self.replay is not None:  # the plan says whether; the values come from the state_dict
+            if node.name not in self.replay.absorbed:
+                return None
+            return torch.zeros(
+                module.weight.shape[:1] + module.weight.shape[2:], dtype=torch.float64
+            )
         take = ~in_keep & self.live.const[x]
         if not take.any():
             return None
@@ -186,20 +253,33 @@ class Rewriter:
         return delta if bool(delta.any()) else None
 
     def _absorb(self, node: fx.Node, conv: nn.Module, delta: torch.Tensor) -> None:
-        uniform = isinstance(conv, nn.Linear) or not zero_padded(conv) or self.absorb == "bias"
-        if uniform:
-            bias = delta.reshape(delta.shape[0], -1).sum(dim=1)
-            if conv.bias is None and self._fold_into_bn(node, bias):
-                return
+        kind = self._absorb_kind(node, conv)
+        bias = delta.reshape(delta.shape[0], -1).sum(dim=1)
+        if kind == "bn" and self.replay is None and not self._fold_into_bn(node, bias):
+            kind = "bias"
+        self.absorbed[node.name] = kind
+        if kind == "bias":
             old = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bias)
             conv.bias = _param(old.double() + bias, conv.weight)
-            return
+        elif kind == "border":
+            self._add_border_term(node, conv, delta)
+
+    def _absorb_kind(self, node: fx.Node, conv: nn.Module) -> str:
+        """bias (the paper's fold), bn (into the next BN's mean) or border (exact)."""
+        if self.replay is not None:
+            return self.replay.absorbed[node.name]
+        uniform = isinstance(conv, nn.Linear) or not zero_padded(conv) or self.absorb == "bias"
+        if not uniform:
+            return "border"
+        return "bn" if conv.bias is None else "bias"
+
+    def _add_border_term(self, node: fx.Node, conv: nn.Module, delta: torch.Tensor) -> None:
         kernel = delta.unsqueeze(1).to(conv.weight.dtype)  # (out, 1, *k)
         border = BorderTerm(kernel, conv.stride, border_pad(conv), conv.dilation)
         if not self.graph_edits:  # the caller puts it beside the user's conv
             self.borders[node.target] = border
             return
-        name = f"{node.target.replace('.', '_')}_border"
+        name = self._free_name(f"{node.target.replace('.', '_')}_border")
         self.gm.add_submodule(name, border)
         graph = self.gm.graph
         with graph.inserting_after(node):
@@ -218,7 +298,7 @@ class Rewriter:
                 new.meta[key] = old.meta[key]
         new.meta["channel_rule"] = "elementwise"
         self.keep[new] = self.keep[old]
-        for table in (self.live.const, self.live.dead, self.live.values):
+        for table in (self.live.const, self.live.dead, self.live.values) if self.live else ():
             if old in table:
                 table[new] = table[old]
 
@@ -238,6 +318,15 @@ class Rewriter:
         replace_module(self.gm, target, bn)
         self.modules[target] = bn  # rewrite_bn slices this one
         return True
+
+    def rewrite_border(self, node: fx.Node) -> None:
+        """A border term of an earlier compile loses the rows of removed channels."""
+        keep = self.keep[node]
+        if keep.all():
+            return
+        old = self.modules[node.target]
+        kernel = old.kernel[torch.as_tensor(np.nonzero(keep)[0])].clone()
+        replace_module(self.gm, node.target, BorderTerm(kernel, old.stride, old.pad, old.dilation))
 
     def rewrite_bn(self, node: fx.Node) -> None:
         keep = self.keep[node]
