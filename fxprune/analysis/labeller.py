@@ -26,6 +26,7 @@ from fxprune.analysis.vocabulary import (
     reads_only_shape,
     tensor_shape,
 )
+from fxprune.modules import BorderTerm
 
 
 class ChannelLabeller:
@@ -124,6 +125,8 @@ class ChannelLabeller:
         stateful = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
         if stateful and self.module_calls[node.target] > 1:
             return self.frozen_output(node, f"{op_name(node)}: module called more than once")
+        if isinstance(module, BorderTerm):  # reads only its input's spatial size
+            return self.set(node, self.fresh((module.kernel.shape[0],)), "border")
         x = node.args[0] if node.args else None
         ids = x.meta.get("channels") if isinstance(x, fx.Node) else None
         if len(node.all_input_nodes) != 1 or not isinstance(ids, np.ndarray) or ids.ndim != 1:

@@ -235,6 +235,9 @@ def _forward_const(gm, modules) -> dict:
         elif rule == "bn":
             gamma = bn_gamma(modules[node.target])
             const[node] = x_const | (gamma == 0) if gamma is not None else x_const.copy()
+        elif rule == "border":  # a zero row adds 0 everywhere; any other row varies at borders
+            kernel = modules[node.target].kernel.detach().reshape(n, -1).cpu().numpy()
+            const[node] = ~np.any(kernel != 0, axis=1)
         elif rule == "elementwise":
             aligned, other = aligned_operands(node)
             result = np.full(n, bool(aligned) and not other)
@@ -288,6 +291,8 @@ def _reads(user: fx.Node, inp: fx.Node, dead: dict, modules):
     if reads_only_shape(user):
         return _all(inp, dead, False)
     rule = user.meta.get("channel_rule")
+    if rule == "border":  # a border term reads its input's spatial size, no channel
+        return _all(inp, dead, False)
     if user not in dead or rule in (None, "frozen", "source"):
         return _all(inp, dead, True)
     live = ~dead[user] if isinstance(dead[user], np.ndarray) else None

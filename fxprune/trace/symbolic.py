@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune.errors import TraceError, first_line
+from fxprune.modules import BorderTerm
 from fxprune.trace.shapes import propagate_shapes
 
 # Modules fx must not trace into: their forward is data dependent or they are
@@ -52,6 +53,8 @@ class LeafPolicyTracer(fx.Tracer):
             return True
         if _plain_subclass(m):
             return True  # e.g. torchvision's Conv3DSimple(nn.Conv3d): a conv, not a graph
+        if isinstance(m, BorderTerm):
+            return True  # the compiler's own layer: understood by the analysis
         if type(m).__module__.startswith(_OPAQUE_PREFIXES):
             self.leaves.setdefault(module_qualified_name, "opaque torchvision op")
             return True
@@ -99,6 +102,9 @@ def symbolic_trace(module: nn.Module, leaves: dict[str, str] | None = None) -> f
                 ) from exc
             leaves[culprit] = f"fx cannot trace inside: {first_line(exc)}"
             continue
+        for node in graph.nodes:  # string annotations ('Tensor' under postponed
+            if isinstance(node.type, str):  # evaluation) print as undefined names
+                node.type = None  # that torch.jit.script of a retraced model rejects
         name = type(module).__name__
         return fx.GraphModule(tracer.root, graph, name)
     raise TraceError(f"torch.fx cannot trace {type(module).__name__}: too many untraceable parts")
