@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from fxprune.cli.options import Force, InputShape, SourceArg, TrustPickle, Weights
+from fxprune.cli.options import Arch, Force, InputShape, SourceArg, TrustPickle, Weights
 
 
 def register(app: typer.Typer) -> None:
@@ -93,6 +93,7 @@ def export_command(
     opset: Annotated[int, typer.Option(help="ONNX opset version (recorded in the file)")] = 18,
     force: Force = False,
     trust_pickle: TrustPickle = False,
+    arch: Arch = None,
 ) -> None:
     """Export a model (traced by torch.fx) as TorchScript, torch.export .pt2 or ONNX, verified.
 
@@ -104,7 +105,7 @@ def export_command(
 
     result = export_source(source, fmt, out, input_shape=parse_input_shape(input_shape),
                            weights=weights, opset=opset, force=force,
-                           trust_pickle=trust_pickle)  # fmt: skip
+                           trust_pickle=trust_pickle, arch=arch)  # fmt: skip
     for note in result.warnings:
         _err(f"warning: {note}")
     error = "not verified" if result.max_rel_error is None else f"{result.max_rel_error:.2e}"
@@ -139,20 +140,24 @@ def bench_command(
     weights: Weights = None,
     fmt: Annotated[str, typer.Option("--format", help="text, github or json")] = "text",
     trust_pickle: TrustPickle = False,
+    arch: Arch = None,
 ) -> None:
     """Latency and throughput of SOURCE vs its compact version, measured interleaved."""
-    from fxprune.load import load_source, parse_input_shape
+    from fxprune.load import parse_input_shape
+    from fxprune.pipeline import load_model
     from fxprune.report.bench import BenchConfig, bench_models, parse_batches
 
     config = BenchConfig(batches=parse_batches(batch), repeats=repeats, warmup=warmup,
                          threads=threads, torchscript=torchscript)  # fmt: skip
     shape = parse_input_shape(input_shape)
-    loaded = load_source(source, weights=weights, input_shape=shape, trust_pickle=trust_pickle)
+    loaded = load_model(
+        source, weights=weights, input_shape=shape, trust_pickle=trust_pickle, arch=arch
+    )
     if compact is None:
         _err(f"[fxprune] compiling {source} for the compact side")
         small = _compile_for_bench(loaded, sparsity)
     else:
-        small = load_source(compact, input_shape=shape, trust_pickle=trust_pickle).module
+        small = load_model(compact, input_shape=shape, trust_pickle=trust_pickle, arch=arch).module
     _err(f"[fxprune] timing batches {config.batches}, {config.repeats} repeats each")
     result = bench_models(loaded.module, small, loaded.example, config)
     for note in result.notes:
@@ -192,11 +197,13 @@ def plot_command(
     input_shape: InputShape = None,
     force: Force = False,
     trust_pickle: TrustPickle = False,
+    arch: Arch = None,
 ) -> None:
     """Per-layer channel widths before/after as bars; with --log, the training curves."""
     from fxprune.errors import UsageError
     from fxprune.files import check_target
-    from fxprune.load import load_source, parse_input_shape
+    from fxprune.load import parse_input_shape
+    from fxprune.pipeline import load_model
     from fxprune.report import count_model
     from fxprune.report.plot import plot_report, read_training_log
 
@@ -209,7 +216,7 @@ def plot_command(
     shape = parse_input_shape(input_shape)
     models = []
     for label, source in zip(labels, sources, strict=True):
-        loaded = load_source(source, input_shape=shape, trust_pickle=trust_pickle)
+        loaded = load_model(source, input_shape=shape, trust_pickle=trust_pickle, arch=arch)
         models.append((label, count_model(loaded.module, loaded.example)))
     written = plot_report(out, models, records, force=force, title=title)
     typer.echo(f"wrote {written}")

@@ -15,7 +15,15 @@ from typing import Annotated
 import typer
 
 import fxprune
-from fxprune.cli.options import Force, InputShape, SourceArg, Submodule, TrustPickle, Weights
+from fxprune.cli.options import (
+    Arch,
+    Force,
+    InputShape,
+    SourceArg,
+    Submodule,
+    TrustPickle,
+    Weights,
+)
 from fxprune.errors import FxpruneError
 
 app = typer.Typer(
@@ -84,11 +92,12 @@ def trace(
         bool, typer.Option("--penalties", help="Also print the ISTA penalty λ of each BN (Eq. 2)")
     ] = False,
     trust_pickle: TrustPickle = False,
+    arch: Arch = None,
 ) -> None:
     """Trace a model and print its channel groups: what can be pruned together, and why not."""
     if fmt not in ("table", "json"):
         raise typer.BadParameter("--format must be table or json")
-    traced, analysis = _trace_source(source, weights, input_shape, submodule, trust_pickle)
+    traced, analysis = _trace_source(source, weights, input_shape, submodule, trust_pickle, arch)
     lambdas = _penalties(traced, analysis) if penalties else None
     if fmt == "json":
         data = analysis.to_json()
@@ -107,13 +116,14 @@ def trace(
     typer.echo(analysis.summary())
 
 
-def _trace_source(source, weights, input_shape, submodule, trust_pickle):
+def _trace_source(source, weights, input_shape, submodule, trust_pickle, arch):
     """load → trace → analyse through the pipeline, as `trace` and `doctor` need it."""
     from fxprune.load import parse_input_shape
     from fxprune.pipeline import open_source
 
     analysed = open_source(source, weights=weights, input_shape=parse_input_shape(input_shape),
-                           submodule=submodule or None, trust_pickle=trust_pickle)  # fmt: skip
+                           submodule=submodule or None, trust_pickle=trust_pickle,
+                           arch=arch)  # fmt: skip
     return analysed.traced, analysed.analysis
 
 
@@ -189,6 +199,7 @@ def compile_cmd(
     ] = False,
     trust_pickle: TrustPickle = False,
     force: Force = False,
+    arch: Arch = None,
 ) -> None:
     """Remove dead channels exactly and write a verified TorchScript artifact."""
     from fxprune.load import parse_input_shape
@@ -199,7 +210,7 @@ def compile_cmd(
         submodule=submodule, threshold=threshold, sparsity=sparsity, absorb=absorb,
         emit_py=emit_py, save_checkpoint=save_checkpoint, report_json=report,
         trust_pickle=trust_pickle, force=force, verify=verify, fuse=fuse, round_to=round_to,
-        min_width=min_width, allow_constant=allow_constant,
+        min_width=min_width, allow_constant=allow_constant, arch=arch,
         **({} if min_keep is None else {"min_keep": min_keep}),
     )  # fmt: skip
     outcome = compile_source(config, progress=lambda msg: err(f"[fxprune] {msg}"))
@@ -236,9 +247,11 @@ def report(
     ] = None,
     input_shape: InputShape = None,
     trust_pickle: TrustPickle = False,
+    arch: Arch = None,
 ) -> None:
     """Paper-style table: parameters, fvcore FLOPs, accuracy and layer widths per model."""
-    from fxprune.load import load_source, parse_input_shape
+    from fxprune.load import parse_input_shape
+    from fxprune.pipeline import load_model
     from fxprune.report import ModelSummary, count_model, summary_table
 
     labels = names.split(",") if names else [Path(s).stem if ":" not in s else s for s in sources]
@@ -250,7 +263,7 @@ def report(
         shape = bundle.input_shape
     rows = []
     for source in sources:
-        loaded = load_source(source, input_shape=shape, trust_pickle=trust_pickle)
+        loaded = load_model(source, input_shape=shape, trust_pickle=trust_pickle, arch=arch)
         accuracy = _accuracy(loaded.module, bundle) if bundle is not None else None
         rows.append(ModelSummary.from_counts(count_model(loaded.module, loaded.example), accuracy))
     typer.echo(summary_table(rows, names=labels, fmt=fmt))
@@ -280,6 +293,7 @@ def doctor(
     submodule: Submodule = None,
     weights: Weights = None,
     trust_pickle: TrustPickle = False,
+    arch: Arch = None,
 ) -> None:
     """Trace, analyse and compile with random zeros; print what was frozen and why."""
     from collections import Counter
@@ -290,7 +304,8 @@ def doctor(
     from fxprune.testing import zero_random
 
     analysed = open_source(source, weights=weights, input_shape=parse_input_shape(input_shape),
-                           submodule=submodule or None, trust_pickle=trust_pickle)  # fmt: skip
+                           submodule=submodule or None, trust_pickle=trust_pickle,
+                           arch=arch)  # fmt: skip
     traced, analysis = analysed.traced, analysed.analysis
     typer.echo(analysis.summary())
     reasons = Counter(r for g in analysis.groups for r in set(g.frozen.values()))

@@ -25,5 +25,13 @@ TrustPickle = Annotated[
     typer.Option("--trust-pickle", help="Allow files that unpickle arbitrary objects (runs code)"),
 ]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite existing output files")]
+Arch = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        help="pkg.module:factory a checkpoint is built on; fxprune imports a factory only "
+        "when you name it here",
+    ),
+]
 
-__all__ = ["Force", "InputShape", "SourceArg", "Submodule", "TrustPickle", "Weights"]
+__all__ = ["Arch", "Force", "InputShape", "SourceArg", "Submodule", "TrustPickle", "Weights"]

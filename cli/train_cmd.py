@@ -15,8 +15,8 @@ from typing import Annotated
 import torch
 import typer
 
-from fxprune.cli.options import Force, Weights
-from fxprune.errors import CheckpointError, DataError, UsageError
+from fxprune.cli.options import Arch, Force, Weights
+from fxprune.errors import DataError, UsageError
 from fxprune.train.progress import event_lines
 
 Data = Annotated[str, typer.Option("--data", help="Data set: synthetic, synthetic:N, cifar10:DIR, "
@@ -120,6 +120,7 @@ def train_command(
     image_size: ImageSize = None,
     augment: Augment = None,
     force: Force = False,
+    arch: Arch = None,
 ) -> None:
     """Train SOURCE on DATA; in ISTA mode BatchNorm γ reach exact zeros for `fxprune compile`."""
     from fxprune.train import TrainConfig
@@ -132,7 +133,7 @@ def train_command(
         l1_rate=rate, slimming_lambda=slimming_lambda, sparsity=sparsity,
     )  # fmt: skip
     run_training(source, DataOptions(data, image_size, augment), out, config, resume=resume,
-                 weights=weights, force=force)  # fmt: skip
+                 weights=weights, force=force, arch=arch)  # fmt: skip
 
 
 def finetune_command(
@@ -149,6 +150,7 @@ def finetune_command(
     image_size: ImageSize = None,
     augment: Augment = None,
     force: Force = False,
+    arch: Arch = None,
 ) -> None:
     """Fine-tune a compact model (plain training, no penalty)."""
     from fxprune.train import TrainConfig
@@ -156,7 +158,7 @@ def finetune_command(
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
                          mode="none", seed=seed, device=device)  # fmt: skip
     run_training(str(compact), DataOptions(data, image_size, augment), out, config,
-                 resume=resume, weights=None, force=force)  # fmt: skip
+                 resume=resume, weights=None, force=force, arch=arch)  # fmt: skip
 
 
 def evaluate_command(
@@ -166,12 +168,13 @@ def evaluate_command(
     weights: Weights = None,
     image_size: ImageSize = None,
     augment: Augment = None,
+    arch: Arch = None,
 ) -> None:
     """Test loss and accuracy of SOURCE on DATA."""
-    from fxprune.load import load_source
+    from fxprune.pipeline import load_model
     from fxprune.train import evaluate
 
-    loaded = load_source(source, weights=weights)
+    loaded = load_model(source, weights=weights, arch=arch)
     bundle = DataOptions(data, image_size, augment).load(loaded, batch_size=batch_size, seed=0)
     check_classes(loaded.module, bundle)
     loss, accuracy = evaluate(loaded.module, bundle.test)
@@ -195,18 +198,6 @@ def parse_levels(text: str) -> list[float]:
         raise UsageError(
             f"--snapshot-at '{text}' is not a list of fractions like 0.3,0.5"
         ) from None
-
-
-def architecture_of(source: str) -> dict:
-    """What a checkpoint should name as the architecture of a model loaded from `source`."""
-    path = Path(source)
-    if not path.is_file():
-        return {"source": source}
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    arch = ckpt.get("architecture") if isinstance(ckpt, dict) else None
-    if not arch or arch.get("kind") not in ("source", "python"):
-        raise CheckpointError(f"{path} names no architecture: train from zoo:NAME with --weights")
-    return {"source": arch["source"]} if arch["kind"] == "source" else {"code": arch["code"]}
 
 
 @dataclass(frozen=True)
@@ -247,22 +238,26 @@ def check_classes(model: torch.nn.Module, bundle) -> None:
         )
 
 
-def run_training(source, data, out, config, *, resume, weights, force) -> None:
+def run_training(source, data, out, config, *, resume, weights, force, arch=None) -> None:
     from fxprune.files import check_target
-    from fxprune.load import load_source
-    from fxprune.pipeline import loaded_module, open_module
+    from fxprune.pipeline import load_model, loaded_module, open_module
     from fxprune.train import train
 
     same = resume is not None and Path(resume).absolute() == Path(out).absolute()
     check_target(out, force=force or same, protect=[source] if Path(source).is_file() else [])
-    loaded = load_source(source, weights=weights)
+    loaded = load_model(source, weights=weights, arch=arch)
+    if loaded.architecture is None:
+        raise UsageError(
+            f"{source} is a pickled module and fxprune writes checkpoints as data only: train "
+            "zoo:NAME, torchvision:NAME or pkg.mod:factory with --weights instead"
+        )
     bundle = data.load(loaded, batch_size=config.batch_size, seed=config.seed)
     check_classes(loaded.module, bundle)
     analysed = open_module(loaded_module(loaded.module, torch.randn(bundle.input_shape), source))
     result = train(
         loaded.module, bundle, config, gm=analysed.traced.gm, analysis=analysed.analysis,
         out_path=out,
-        resume=resume, progress=print_epoch, **architecture_of(source),
+        resume=resume, progress=print_epoch, architecture=loaded.architecture,
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 reports (and wrote the files)
@@ -299,7 +294,6 @@ __all__ = [
     "Resume",
     "Schedule",
     "Seed",
-    "architecture_of",
     "check_classes",
     "evaluate_command",
     "finetune_command",

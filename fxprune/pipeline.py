@@ -2,6 +2,8 @@
 verify → export → report. Every CLI command, the demo and the benchmarks go
 through these functions; nothing here prints or exits.
 
+- `load_model`: the one loader of every command (checkpoints are data: their
+  compile steps are replayed, nothing read from a file runs).
 - `open_source` / `open_module`: load → trace → analyse (an `Analysed`).
 - `compile_analysed`: zero (threshold, sparsity or a test pattern) → compile →
   verify against the original (NaN-aware, `fxprune.verify.TOLERANCE`).
@@ -33,6 +35,7 @@ from fxprune.compile import (
     check_input_dependence,
     compile_model,
     dependence,
+    replay_steps,
 )
 from fxprune.compile.dependence import probe_input
 from fxprune.compile.fusions import fuse_for_deployment
@@ -65,6 +68,22 @@ class Analysed:
     analysis: ChannelAnalysis
 
 
+def load_model(
+    source: str,
+    *,
+    weights: str | Path | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    trust_pickle: bool = False,
+    seed: int = 0,
+    arch: str | None = None,
+) -> Loaded:
+    """`fxprune.load.load_source` with the replay of a compiled checkpoint's steps.
+    Only `source` and `arch` (the user's own words) may name code to import."""
+    return load_source(source, weights=weights, input_shape=input_shape,
+                       trust_pickle=trust_pickle, seed=seed, arch=arch,
+                       replay=replay_steps)  # fmt: skip
+
+
 def open_source(
     source: str,
     *,
@@ -73,11 +92,11 @@ def open_source(
     submodule: str | None = None,
     trust_pickle: bool = False,
     seed: int = 0,
+    arch: str | None = None,
 ) -> Analysed:
-    """load → trace → analyse a source string (see `fxprune.load.load_source`)."""
-    loaded = load_source(
-        source, weights=weights, input_shape=input_shape, trust_pickle=trust_pickle, seed=seed
-    )
+    """load → trace → analyse a source string (see `load_model`)."""
+    loaded = load_model(source, weights=weights, input_shape=input_shape,
+                        trust_pickle=trust_pickle, seed=seed, arch=arch)  # fmt: skip
     return open_module(loaded, submodule=submodule, owned=True)
 
 
@@ -218,14 +237,15 @@ def export_source(
     opset: int = 18,
     force: bool = False,
     trust_pickle: bool = False,
+    arch: str | None = None,
 ) -> ExportResult:
     """load → trace → export a model as it is (no pruning), with `fxprune.json`."""
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"unknown --format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
     protect = [p for p in (Path(source), weights) if p is not None and Path(p).exists()]
     check_target(out, force=force, protect=protect)  # before any slow work
-    loaded = load_source(
-        source, weights=weights, input_shape=input_shape, trust_pickle=trust_pickle
+    loaded = load_model(
+        source, weights=weights, input_shape=input_shape, trust_pickle=trust_pickle, arch=arch
     )
     traced = trace_model(loaded.module, loaded.example)
     counts = count_model(traced.gm, traced.example)
@@ -259,6 +279,7 @@ class CompileConfig:
     min_width: int = 1  # keep at least this many channels per layer
     min_keep: float = DEFAULT_MIN_KEEP  # per-group floor of --threshold/--sparsity (0: none)
     allow_constant: bool = False  # write a model whose output ignores its input
+    arch: str | None = None
 
     def __post_init__(self) -> None:
         if self.threshold is not None and self.sparsity is not None:
@@ -325,13 +346,14 @@ def _compile_and_write(
     config: CompileConfig, protect: list[Path], verifier: IsolatedVerifier, say: Progress
 ) -> CompileOutcome:
     say(f"loading {config.source}")
-    loaded = load_source(
-        config.source,
-        weights=config.weights,
-        input_shape=config.input_shape,
-        trust_pickle=config.trust_pickle,
-        seed=config.seed,
-    )
+    loaded = load_model(config.source, weights=config.weights, input_shape=config.input_shape,
+                        trust_pickle=config.trust_pickle, seed=config.seed,
+                        arch=config.arch)  # fmt: skip
+    if config.save_checkpoint is not None and loaded.architecture is None:
+        raise UsageError(
+            f"--save-checkpoint writes data only, and {config.source} is a pickled module: "
+            "compile zoo:NAME, torchvision:NAME or pkg.mod:factory with --weights instead"
+        )
     say("tracing and analysing channels")
     analysed = open_module(loaded, submodule=config.submodule, owned=True)
     say(f"compiling and verifying on {config.verify} random input(s)")
@@ -482,18 +504,16 @@ def _write_staged(
     )  # fmt: skip
     outcome.artifact_warnings += exported.warnings
     outcome.written.append(exported.path)
-    if config.emit_py is not None or config.save_checkpoint is not None:
-        weights = emitted_weights_path(Path(config.emit_py or "model.py"))
-        code = emit_python(gm, weights=weights.name)
-        flat = flat_module(gm)
-    if config.emit_py is not None:
-        py = Path(config.emit_py)
+    if config.emit_py is not None:  # a readable export, never loaded back by fxprune
+        py, weights = Path(config.emit_py), emitted_weights_path(Path(config.emit_py))
+        code, flat = emit_python(gm, weights=weights.name), flat_module(gm)
         atomic_write(py, lambda tmp: tmp.write_text(code), force=config.force, protect=protect)
         atomic_write(weights, lambda tmp: torch.save(flat.state_dict(), tmp), force=config.force,
                      protect=protect)  # fmt: skip
         outcome.written += [py, weights]
     if config.save_checkpoint is not None:
-        ckpt = checkpoint_dict(flat, input_shape=tuple(example.shape), code=code)
+        architecture = compiled_architecture(outcome, config.submodule)
+        ckpt = checkpoint_dict(gm, input_shape=tuple(example.shape), architecture=architecture)
         save_checkpoint(config.save_checkpoint, ckpt, force=config.force, protect=protect)
         outcome.written.append(Path(config.save_checkpoint))
     if config.report_json is not None:
@@ -501,6 +521,17 @@ def _write_staged(
         atomic_write(Path(config.report_json), lambda tmp: tmp.write_text(text + "\n"),
                      force=config.force, protect=protect)  # fmt: skip
         outcome.written.append(Path(config.report_json))
+
+
+def compiled_architecture(outcome: CompileOutcome, submodule: str | None) -> dict:
+    """The loaded model's architecture record plus this compile as one more step."""
+    record = outcome.loaded.architecture
+    step = {
+        "input_shape": list(outcome.loaded.example.shape),
+        "submodule": submodule,
+        "plan": outcome.result.plan.to_dict(),
+    }
+    return {"kind": "plan", "base": record["base"], "steps": [*record["steps"], step]}
 
 
 def _json_default(value):
@@ -518,11 +549,13 @@ __all__ = [
     "Progress",
     "PruneConfig",
     "artifact_metadata",
+    "compiled_architecture",
     "compile_analysed",
     "compile_source",
     "emitted_weights_path",
     "export_model",
     "export_source",
+    "load_model",
     "loaded_module",
     "open_module",
     "open_source",

@@ -4,7 +4,8 @@
 (`__init__` building every layer, `forward` the compiled graph) and a
 `build_model()` function; its state_dict keys are the flattened layer names
 used in the source (`flat_module(gm)` returns that module). Users can read,
-edit and own the result; fxprune checkpoints of compiled models store it.
+edit and own the result; fxprune never loads it back (its checkpoints are
+data, see fxprune/load/checkpoints.py).
 """
 
 from __future__ import annotations

@@ -3,32 +3,58 @@
 Sources:
   zoo:NAME               a model of fxprune's registry (`fxprune zoo list`)
   torchvision:NAME       any torchvision model, built with weights=None
-  package.module:factory import the module and call the factory
-  FILE.pt                an fxprune checkpoint or a state_dict (weights_only);
-                         a whole pickled nn.Module only with trust_pickle=True
+  package.module:factory import the module and call the factory (named by the user)
+  FILE.pt                an fxprune checkpoint (data only: fxprune.checkpoints), read
+                         with weights_only; a whole pickled nn.Module only with
+                         trust_pickle=True
 `weights` loads a state_dict into the model (strict; mismatches are named).
+Nothing read from a file is executed, imported or called.
 """
 
 from __future__ import annotations
 
-import ast
 import importlib
-import io
 import math
 import pickle
-import re
 import warnings
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-import fxprune
 from fxprune.errors import CheckpointError, FxpruneError, LoadError, UsageError, first_line
+from fxprune.load.checkpoints import (
+    CHECKPOINT_FORMAT,
+    FACTORY,
+    REGISTRY_PREFIXES,
+    architecture_for,
+    checked_shape,
+    checkpoint_base,
+    checkpoint_dict,
+    save_checkpoint,
+)
 
-CHECKPOINT_FORMAT = "fxprune-checkpoint"
-_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "Loaded",
+    "Replay",
+    "apply_state_dict",
+    "checkpoint_dict",
+    "load_source",
+    "load_state_dict_file",
+    "MAX_EXAMPLE_ELEMENTS",
+    "check_input_shape",
+    "parse_input_shape",
+    "read_weights_only",
+    "save_checkpoint",
+    "unused_aux_keys",
+]
+
+# Re-applies a checkpoint's compile steps to its rebuilt base (fxprune.pipeline owns it).
+Replay = Callable[[nn.Module, list, str], nn.Module]
 
 
 @dataclass
@@ -42,6 +68,7 @@ class Loaded:
     input_shape: tuple[int, ...]
     submodule: str | None = None
     meta: dict = field(default_factory=dict)
+    architecture: dict | None = None  # what a checkpoint of this model records (data only)
 
 
 MAX_INPUT_RANK = 5  # N, C, D, H, W (video); a classifier's (N, F) is rank 2
@@ -95,17 +122,22 @@ def load_source(
     input_shape: tuple[int, ...] | None = None,
     trust_pickle: bool = False,
     seed: int = 0,
+    arch: str | None = None,
+    replay: Replay | None = None,
 ) -> Loaded:
     """Turn `source` into a model and an example input (see module docstring).
 
-    Every failure is a LoadError/CheckpointError/UsageError with one line.
+    Only `source` and `arch` (both from the command line) are ever imported or
+    called; a checkpoint file is read as data. Compiled checkpoints need
+    `replay` (`fxprune.pipeline.load_model` passes it). Every failure is a
+    LoadError/CheckpointError/UsageError with one line.
     """
-    if source.startswith(("zoo:", "torchvision:")):
+    if source.startswith(REGISTRY_PREFIXES):
         loaded = _load_registry(source)
-    elif _FACTORY.match(source) and not Path(source).exists():
+    elif FACTORY.match(source) and not Path(source).exists():
         loaded = _load_factory(source)
     else:
-        loaded = _load_file(Path(source), trust_pickle=trust_pickle)
+        loaded = _load_file(Path(source), trust_pickle=trust_pickle, arch=arch, replay=replay)
     if weights is not None:
         load_state_dict_file(loaded.module, Path(weights), trust_pickle=trust_pickle)
     if input_shape is not None:
@@ -128,7 +160,8 @@ def _load_registry(source: str) -> Loaded:
     else:
         info = zoo.model_info(name)
         module, shape, submodule = zoo.create_model(name), info.input_shape, info.submodule
-    return Loaded(module, torch.empty(0), source, tuple(shape), submodule)
+    return Loaded(module, torch.empty(0), source, tuple(shape), submodule,
+                  architecture=architecture_for(source))  # fmt: skip
 
 
 def _load_factory(source: str) -> Loaded:
@@ -144,12 +177,11 @@ def _load_factory(source: str) -> Loaded:
     if not isinstance(module, nn.Module):
         raise LoadError(f"{source}() returned {type(module).__name__}, not an nn.Module")
     shape = getattr(module, "input_shape", None) or (1, 3, 224, 224)
-    return Loaded(
-        module, torch.empty(0), source, check_input_shape(shape, f"{source}().input_shape")
-    )
+    shape = check_input_shape(shape, f"{source}().input_shape")
+    return Loaded(module, torch.empty(0), source, shape, architecture=architecture_for(source))
 
 
-def _read_weights_only(path: Path, *, weights: bool = False):
+def read_weights_only(path: Path, *, weights: bool = False):
     """torch.load with weights_only=True, turning every failure into one line.
 
     Only a file that really pickles Python objects (the weights-only unpickler met a
@@ -159,10 +191,18 @@ def _read_weights_only(path: Path, *, weights: bool = False):
     """
     if not path.exists():
         raise LoadError(f"{path}: no such file (give a .pt file, zoo:NAME or torchvision:NAME)")
+    path = Path(path)
     if path.is_dir():
         raise LoadError(f"{path} is a directory, not a checkpoint file")
+    if not path.is_file():
+        raise LoadError(f"{path} is not a regular file (a device or pipe), not a checkpoint")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint")
+    if _is_torchscript(path):
+        raise CheckpointError(
+            f"{path} is a TorchScript artifact (a program, not data): fxprune reads checkpoints "
+            "and state_dicts; serve an artifact you trust with `fxprune serve`"
+        )
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files
             warnings.simplefilter("ignore")
@@ -175,6 +215,18 @@ def _read_weights_only(path: Path, *, weights: bool = False):
         raise CheckpointError(f"{path} is too large to load into memory") from None
     except Exception as exc:  # a foreign or damaged file fails anywhere in the unpickler
         raise CheckpointError(_corrupt(path, exc)) from None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A zip archive with TorchScript code in it (torch.load would hand it to torch.jit.load)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.split("/", 2)[1:2] == ["code"] or n.endswith("/constants.pkl") for n in names)
 
 
 def _pickled_objects(path: Path, weights: bool) -> str:
@@ -192,19 +244,19 @@ def _corrupt(path: Path, exc: BaseException) -> str:
     return f"{path} is corrupt or truncated, or not a checkpoint (a file torch.save wrote){detail}"
 
 
-def _load_file(path: Path, *, trust_pickle: bool) -> Loaded:
+def _load_file(path: Path, *, trust_pickle: bool, arch: str | None, replay) -> Loaded:
     if trust_pickle and path.is_file():
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:
             raise CheckpointError(f"{path} could not be unpickled: {first_line(exc)}") from None
     else:
-        obj = _read_weights_only(path)
+        obj = read_weights_only(path)
     if isinstance(obj, nn.Module):
         shape = getattr(obj, "input_shape", None) or (1, 3, 224, 224)
         return Loaded(obj, torch.empty(0), str(path), check_input_shape(shape, str(path)))
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        return _from_checkpoint(path, obj)
+        return _from_checkpoint(path, obj, arch, replay)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise LoadError(
             f"{path} is a bare state_dict: name the architecture (zoo:NAME, torchvision:NAME "
@@ -215,7 +267,7 @@ def _load_file(path: Path, *, trust_pickle: bool) -> Loaded:
 
 def load_state_dict_file(module: nn.Module, path: Path, *, trust_pickle: bool = False) -> None:
     """Load a state_dict file (or an fxprune checkpoint's) into `module`, strictly."""
-    obj = _read_weights_only(path, weights=True)
+    obj = read_weights_only(path, weights=True)
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         obj = obj["state_dict"]
     for key in ("state_dict", "model"):
@@ -265,127 +317,26 @@ def unused_aux_keys(module: nn.Module, state: dict) -> set[str]:
 
 
 # -- fxprune checkpoints ------------------------------------------------------
-def checkpoint_dict(
-    module: nn.Module,
-    *,
-    input_shape: tuple[int, ...],
-    source: str | None = None,
-    code: str | None = None,
-    extra: dict | None = None,
-) -> dict:
-    """The checkpoint fxprune writes: architecture (a source string such as
-    `zoo:resnet20`, or standalone Python source for compiled models), the
-    state_dict, the input shape and the fxprune version."""
-    if (source is None) == (code is None):
-        raise ValueError("give exactly one of source= or code=")
-    architecture = (
-        {"kind": "source", "source": source} if source else {"kind": "python", "code": code}
-    )
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "fxprune_version": fxprune.__version__,
-        "architecture": architecture,
-        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-        "input_shape": list(input_shape),
-        "extra": extra or {},
-    }
+def _from_checkpoint(path: Path, ckpt: dict, arch: str | None, replay: Replay | None) -> Loaded:
+    """Rebuild the base (registry, or the factory the user named), re-apply the
+    compile steps through `replay`, then load the state_dict strictly."""
+    base, steps = checkpoint_base(ckpt, str(path), arch)
+    shape = checked_shape(ckpt.get("input_shape"), str(path))
+    module = _build(base)
+    if steps:
+        if replay is None:
+            raise ValueError("a compiled checkpoint needs fxprune.pipeline.load_model")
+        module = replay(module, steps, str(path))
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: checkpoint holds no state_dict")
+    apply_state_dict(module, state, str(path))
+    architecture = {"kind": "plan", "base": base, "steps": steps}
+    extra = ckpt.get("extra") if isinstance(ckpt.get("extra"), dict) else {}
+    return Loaded(module, torch.empty(0), str(path), shape, meta=dict(extra),
+                  architecture=architecture)  # fmt: skip
 
 
-def save_checkpoint(path: Path, checkpoint: dict, *, force: bool = False, protect=()) -> Path:
-    """Write a checkpoint atomically (temp file in the target directory, then rename)."""
-    from fxprune.files import atomic_write
-
-    def writer(tmp: Path) -> None:
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        tmp.write_bytes(buffer.getvalue())
-
-    return atomic_write(Path(path), writer, force=force, protect=protect)
-
-
-def _from_checkpoint(path: Path, ckpt: dict) -> Loaded:
-    arch = ckpt.get("architecture") or {}
-    shape = check_input_shape(ckpt.get("input_shape") or (1, 3, 224, 224), f"{path}'s input_shape")
-    if arch.get("kind") == "source":
-        module = load_source(str(arch["source"]), input_shape=shape).module
-    elif arch.get("kind") == "python":
-        module = module_from_code(str(arch.get("code", "")), origin=str(path))
-    else:
-        raise CheckpointError(f"{path}: checkpoint has no architecture")
-    apply_state_dict(module, ckpt.get("state_dict") or {}, str(path))
-    return Loaded(module, torch.empty(0), str(path), shape, meta=dict(ckpt.get("extra") or {}))
-
-
-_ALLOWED_IMPORTS = ("torch", "torchvision", "operator", "math", "builtins", "__future__")
-_FORBIDDEN_NAMES = {"eval", "exec", "compile", "open", "__import__", "globals", "locals", "vars",
-                    "setattr", "delattr", "breakpoint"}  # fmt: skip
-_FORBIDDEN_ATTRS = {"load", "save", "hub", "jit", "package", "system", "popen", "utils",
-                    "from_file", "library", "classes", "_C"}  # fmt: skip
-
-
-def _import_allowed(name: str | None) -> bool:
-    return bool(name) and name.split(".")[0] in _ALLOWED_IMPORTS
-
-
-def check_generated_code(code: str, origin: str) -> None:
-    """Refuse architecture source that is not plain model code.
-
-    Checkpoint code is what `fxprune compile --emit-py` writes: imports of
-    torch/operator/math, one class with __init__ and forward. Anything else
-    (other imports, dunder attributes, exec/eval/open) is rejected.
-    """
-    try:
-        tree = ast.parse(code)
-    except SyntaxError as exc:
-        raise CheckpointError(f"{origin}: architecture source does not parse: {exc.msg}") from None
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            bad = [a.name for a in node.names if not _import_allowed(a.name)]
-        elif isinstance(node, ast.ImportFrom):
-            bad = [] if _import_allowed(node.module) else [str(node.module)]
-            bad += [a.name for a in node.names if a.name in _FORBIDDEN_ATTRS]
-        elif isinstance(node, ast.Attribute):
-            dunder = node.attr.startswith("__") and node.attr != "__init__"
-            bad = [node.attr] if dunder or node.attr in _FORBIDDEN_ATTRS else []
-        elif isinstance(node, ast.Call) and getattr(node.func, "id", "") == "getattr":
-            name = node.args[1] if len(node.args) > 1 else None
-            plain = isinstance(name, ast.Constant) and isinstance(name.value, str)
-            bad = [] if plain and not name.value.startswith("_") else ["getattr"]
-        elif isinstance(node, ast.Name) and node.id in _FORBIDDEN_NAMES:
-            bad = [node.id]
-        else:
-            bad = []
-        if bad:
-            raise CheckpointError(f"{origin}: architecture source uses '{bad[0]}', refused")
-
-
-def module_from_code(code: str, origin: str) -> nn.Module:
-    """Build the model defined by checkpoint architecture source (checked first)."""
-    check_generated_code(code, origin)
-    namespace: dict = {"__name__": "fxprune_checkpoint"}
-    exec(compile(code, f"<{origin}>", "exec"), namespace)  # checked by check_generated_code
-    from fxprune.modules import BorderTerm
-
-    if "BorderTerm" in namespace:  # the library's class: TorchScript can read its source
-        namespace["BorderTerm"] = BorderTerm
-    build = namespace.get("build_model")
-    if not callable(build):
-        raise CheckpointError(f"{origin}: architecture source defines no build_model()")
-    return build()
-
-
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "Loaded",
-    "MAX_EXAMPLE_ELEMENTS",
-    "apply_state_dict",
-    "check_generated_code",
-    "check_input_shape",
-    "checkpoint_dict",
-    "load_source",
-    "load_state_dict_file",
-    "module_from_code",
-    "parse_input_shape",
-    "save_checkpoint",
-    "unused_aux_keys",
-]
+def _build(base: str) -> nn.Module:
+    loaded = _load_registry(base) if base.startswith(REGISTRY_PREFIXES) else _load_factory(base)
+    return loaded.module

@@ -40,7 +40,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from fxprune.analysis import ChannelAnalysis, site_classes
 from fxprune.errors import CheckpointError, UsageError
-from fxprune.load import CHECKPOINT_FORMAT, apply_state_dict, checkpoint_dict, save_checkpoint
+from fxprune.load import (
+    CHECKPOINT_FORMAT,
+    apply_state_dict,
+    architecture_for,
+    checkpoint_dict,
+    read_weights_only,
+    save_checkpoint,
+)
 from fxprune.train.ista import (
     IstaOptimizer,
     Monitor,
@@ -185,17 +192,22 @@ def train(
     resume: str | Path | None = None,
     progress: Callable[[dict], None] | None = None,
     source: str | None = None,
-    code: str | None = None,
+    architecture: dict | None = None,
 ) -> TrainResult:
     """Train `model` in place on `data` (a DataBundle); see the module docstring.
 
-    `source` (e.g. "zoo:convnet") or `code` (a compiled model's source) names the
-    architecture written into the checkpoints. `progress` receives a dict per
-    step ({"event": "step", ...}) and per epoch (the monitor record).
+    `architecture` (`Loaded.architecture`: a base and compile steps, data only),
+    or `source` (e.g. "zoo:convnet") for an uncompiled model, is what the
+    checkpoints record. `progress` receives a dict per step ({"event": "step",
+    ...}) and per epoch (the monitor record).
     """
-    if out_path is not None and source is None and code is None:
-        raise UsageError("train() writes checkpoints: give source='zoo:NAME' or code=...")
-    trainer = Trainer(model, data, config, gm, analysis, out_path, source, code, progress)
+    architecture = architecture or (architecture_for(source) if source else None)
+    if out_path is not None and architecture is None:
+        raise UsageError(
+            "train() writes checkpoints: give architecture= (Loaded.architecture) or "
+            "source='zoo:NAME'"
+        )
+    trainer = Trainer(model, data, config, gm, analysis, out_path, architecture, progress)
     if resume is not None:
         trainer.load(Path(resume))
     return trainer.run()
@@ -220,14 +232,14 @@ def snapshot_path(out: Path, level: float) -> Path:
 class Trainer:
     """One training run: the loop, the mode's hooks, checkpoints and resume."""
 
-    def __init__(self, model, data, config, gm, analysis, out_path, source, code, progress):
+    def __init__(self, model, data, config, gm, analysis, out_path, architecture, progress):
         self.rank, self.world, device = _distributed(config.device)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
         self.model, self.data, self.cfg = model.to(device), data, config
         self.gm, self.analysis, self.device = gm, analysis, torch.device(device)
         self.out = Path(out_path) if out_path is not None else None
-        self.arch, self.progress = {"source": source, "code": code}, progress
+        self.arch, self.progress = architecture, progress
         self.targets = penalty_targets(gm, analysis, group_ista=config.group_ista)
         if config.mode in ("ista", "slimming") and not self.targets:
             raise UsageError("the model has no prunable BatchNorm γ to penalise")
@@ -528,12 +540,9 @@ class Trainer:
                             group_ista=self.cfg.group_ista)  # fmt: skip
                 info = {"snapshot": {"level": level, "sparsity": sparsity, "epoch": epoch + 1,
                                      "step": step, "config": asdict(self.cfg)}}  # fmt: skip
-                ckpt = checkpoint_dict(model, input_shape=self.data.input_shape, **self._arch(),
-                                       extra=info)  # fmt: skip
+                ckpt = checkpoint_dict(model, input_shape=self.data.input_shape,
+                                       architecture=self.arch, extra=info)  # fmt: skip
                 save_checkpoint(snapshot_path(self.out, level), ckpt, force=True)
-
-    def _arch(self) -> dict:
-        return {k: v for k, v in self.arch.items() if v is not None}
 
     def _state(self) -> dict:
         return {
@@ -555,8 +564,8 @@ class Trainer:
         if self.out is None or self.rank != 0:
             return
         extra = {"train": self._state(), **({"final": final} if final else {})}
-        ckpt = checkpoint_dict(self.model, input_shape=self.data.input_shape, **self._arch(),
-                               extra=extra)  # fmt: skip
+        ckpt = checkpoint_dict(self.model, input_shape=self.data.input_shape,
+                               architecture=self.arch, extra=extra)  # fmt: skip
         save_checkpoint(self.out, ckpt, force=True)
         log = self.out.with_suffix(".jsonl")
         from fxprune.files import atomic_write
@@ -565,15 +574,20 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         """Restore a run written by `_save` (a killed run, not a finished one)."""
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: no such checkpoint to resume") from None
-        except Exception as exc:
-            raise CheckpointError(f"{path} is not a readable checkpoint: {exc}") from None
-        state = ckpt.get("extra", {}).get("train") if isinstance(ckpt, dict) else None
-        if ckpt.get("format") != CHECKPOINT_FORMAT or state is None:
+        ckpt = read_weights_only(path)  # data only, every failure one line
+        extra = ckpt.get("extra") if isinstance(ckpt, dict) else None
+        state = extra.get("train") if isinstance(extra, dict) else None
+        if not isinstance(state, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path} is not a checkpoint written by fxprune train")
+        try:
+            self._restore(path, ckpt, state)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise CheckpointError(
+                f"{path}: training state is incomplete or malformed ({type(exc).__name__}: "
+                f"{str(exc)[:80]})"
+            ) from None
+
+    def _restore(self, path: Path, ckpt: dict, state: dict) -> None:
         for key in ("mode", "group_ista"):
             if state["config"][key] != getattr(self.cfg, key):
                 flag = key.replace("_", "-")
