@@ -143,7 +143,12 @@ def test_compile_end_to_end_and_debug_traceback(work):
     assert "removed 2 of" in result.stdout
     for name in ("tiny.ts", "tiny.py", "tiny.weights.pt", "tiny.pt", "r.json"):
         assert (work / name).stat().st_size > 0
-    again = fxprune("compile", "tiny.pt", "--out", "tiny2.ts", cwd=work)
+    refused = fxprune("compile", "tiny.pt", "--out", "tiny2.ts", cwd=work)
+    assert_clean_error(refused, 1)
+    assert "--arch cli_models:tiny" in refused.stderr and not (work / "tiny2.ts").exists()
+    again = fxprune(
+        "compile", "tiny.pt", "--arch", "cli_models:tiny", "--out", "tiny2.ts", cwd=work
+    )
     assert again.returncode == 0 and "nothing to prune" in again.stdout, again.stderr
     debug = fxprune("--debug", "trace", "zoo:resnet5", cwd=work)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
