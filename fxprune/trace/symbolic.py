@@ -102,9 +102,6 @@ def symbolic_trace(module: nn.Module, leaves: dict[str, str] | None = None) -> f
                 ) from exc
             leaves[culprit] = f"fx cannot trace inside: {first_line(exc)}"
             continue
-        for node in graph.nodes:  # string annotations ('Tensor' under postponed
-            if isinstance(node.type, str):  # evaluation) print as undefined names
-                node.type = None  # that torch.jit.script of a retraced model rejects
         name = type(module).__name__
         return fx.GraphModule(tracer.root, graph, name)
     raise TraceError(f"torch.fx cannot trace {type(module).__name__}: too many untraceable parts")
