@@ -151,7 +151,7 @@ def test_compiled_model_trains_and_compiles_again(tmp_path):
     steps = [
         ["compile", "zoo:resnet20", "--sparsity", "0.3", "--out", "a.ts", "--save-checkpoint",
          "a.pt"],
-        ["train", "a.pt", *DATA, "--mode", "ista", "--rho", "1", "--lr", "0.05", "--out", "b.pt"],
+        ["train", "a.pt", *DATA, "--mode", "ista", "--rho", "20", "--alpha", "1", "--out", "b.pt"],
         ["compile", "b.pt", "--out", "c.ts", "--save-checkpoint", "c.pt"],  # ISTA's exact zeros
     ]  # fmt: skip
     for args in steps:
