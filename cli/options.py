@@ -25,5 +25,12 @@ TrustPickle = Annotated[
     typer.Option("--trust-pickle", help="Allow files that unpickle arbitrary objects (runs code)"),
 ]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite existing output files")]
+Frontend = Annotated[
+    str,
+    typer.Option(
+        "--frontend",
+        help="auto (fx, then torch.export when fx cannot trace), fx or export",
+    ),
+]
 
-__all__ = ["Force", "InputShape", "SourceArg", "Submodule", "TrustPickle", "Weights"]
+__all__ = ["Force", "Frontend", "InputShape", "SourceArg", "Submodule", "TrustPickle", "Weights"]
