@@ -67,7 +67,7 @@ def build(family: str, name: str) -> tuple[nn.Module, tuple[int, ...], str]:
         stem = name.removesuffix("ForImageClassification")
         config = getattr(transformers, f"{stem}Config")()
         model = getattr(transformers, f"{stem}ForImageClassification")(config)
-        return model.eval(), (1, 3, 224, 224), stem
+        return model.eval(), (1, 3, 128, 128), stem
     from fxprune import zoo
 
     info = zoo.model_info(name)
