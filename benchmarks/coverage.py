@@ -150,6 +150,7 @@ def run_one(family: str, name: str) -> dict:
     row["zeroed"] = zero_half_gamma(model, seed=0)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     row.update(run_fxprune(model, x, f"{family}:{name}"))
+    print(json.dumps(row, default=float), flush=True)  # kept if Torch-Pruning hangs
     row.update(run_torch_pruning(model, x))
     return row
 
@@ -160,9 +161,13 @@ def run_isolated(family: str, name: str, timeout: float) -> dict:
     start = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as exc:
         status = f"timeout after {timeout:.0f} s"
-        return {"family": family, "model": name, "fx_status": status, "tp_status": status}
+        partial = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        done = [ln for ln in partial.splitlines() if ln.startswith("{")]
+        row = json.loads(done[-1]) if done else {"family": family, "model": name,
+                                                 "fx_status": status}  # fmt: skip
+        return {**row, "tp_status": status}
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
