@@ -48,7 +48,7 @@ def build(family: str, name: str) -> tuple[nn.Module, tuple[int, ...], str]:
         import timm
 
         model = timm.create_model(name, pretrained=False)
-        size = 224 if name in ("levit_128s", "efficientformer_l1", "mobilevit_xxs") else 96
+        size = 224 if name in ("levit_128s", "efficientformer_l1", "mobilevit_xxs") else 64
         shape = (1, 3, size, size)
         arch = timm.models.get_arch_name(name)
         module = timm.models._registry._model_to_module.get(arch, arch)
