@@ -65,9 +65,12 @@ def build(family: str, name: str) -> tuple[nn.Module, tuple[int, ...], str]:
         import transformers
 
         stem = name.removesuffix("ForImageClassification")
-        config = getattr(transformers, f"{stem}Config")()
+        # EfficientNetConfig() is B7 (66 M parameters): B0's coefficients keep the row short
+        kwargs = {"EfficientNet": {"width_coefficient": 1.0, "depth_coefficient": 1.0}}
+        config = getattr(transformers, f"{stem}Config")(**kwargs.get(stem, {}))
         model = getattr(transformers, f"{stem}ForImageClassification")(config)
-        return model.eval(), (1, 3, 128, 128), stem
+        size = 224 if stem == "Levit" else 128  # Levit's attention biases fix the size
+        return model.eval(), (1, 3, size, size), stem
     from fxprune import zoo
 
     info = zoo.model_info(name)
