@@ -268,6 +268,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
     parser.add_argument("--markdown", type=Path, help="write the table here")
     parser.add_argument("--jobs", type=int, default=1, help="models run side by side")
+    parser.add_argument("--render", action="store_true",
+                        help="only write the table of the rows already in --jsonl")  # fmt: skip
     parser.add_argument("--jsonl", type=Path,
                         help="append every row here as it finishes; rows already there are "
                         "reused, not run again (delete the file to start afresh)")  # fmt: skip
@@ -279,6 +281,8 @@ def main() -> None:
     done = _done_rows(args.jsonl)
     todo = [(f, n) for f in families for n in (args.models.split(",") if args.models
                                                else FAMILIES[f])]  # fmt: skip
+    if args.render:
+        todo = [key for key in todo if key in done]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         lock = threading.Lock()
 
