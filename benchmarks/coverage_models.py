@@ -66,7 +66,8 @@ def build(family: str, name: str) -> tuple[nn.Module, tuple[int, ...], str]:
 
         stem = name.removesuffix("ForImageClassification")
         # EfficientNetConfig() is B7 (66 M parameters): B0's coefficients keep the row short
-        kwargs = {"EfficientNet": {"width_coefficient": 1.0, "depth_coefficient": 1.0}}
+        kwargs = {"EfficientNet": {"width_coefficient": 1.0, "depth_coefficient": 1.0,
+                                   "hidden_dim": 1280}}  # fmt: skip
         config = getattr(transformers, f"{stem}Config")(**kwargs.get(stem, {}))
         model = getattr(transformers, f"{stem}ForImageClassification")(config)
         size = 224 if stem == "Levit" else 128  # Levit's attention biases fix the size
