@@ -281,6 +281,7 @@ def main() -> None:
     done = _done_rows(args.jsonl)
     todo = [(f, n) for f in families for n in (args.models.split(",") if args.models
                                                else FAMILIES[f])]  # fmt: skip
+    missing = [f"{f}:{n}" for f, n in todo if (f, n) not in done]
     if args.render:
         todo = [key for key in todo if key in done]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -298,6 +299,10 @@ def main() -> None:
         rows = [done[key] if key in done else futures[key].result() for key in todo]
     command = "python benchmarks/coverage.py " + " ".join(sys.argv[1:])
     text = markdown(rows, command.strip())
+    if args.render and missing:
+        text += (
+            f"\nNot run yet (run the command without --render to add them): {', '.join(missing)}\n"
+        )
     if args.markdown:
         args.markdown.write_text(text)
     else:
