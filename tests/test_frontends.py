@@ -184,8 +184,11 @@ def test_cli_reports_the_front_end_and_compiles_exactly(tmp_path):
 )
 def test_cli_compiles_library_models(tmp_path, factory, package):
     pytest.importorskip(package)
+    # A random-init YOLO's decoded boxes hardly depend on the input even before
+    # pruning (anchors dominate), which main's constant-output check refuses.
+    extra = ["--allow-constant"] if factory == "yolov8n" else []
     result = fxprune("compile", f"frontend_models:{factory}", "--out", "m.ts", "--report",
-                     "r.json", cwd=tmp_path)  # fmt: skip
+                     "r.json", *extra, cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["channels_removed"] > 0
