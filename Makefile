@@ -11,8 +11,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch and torchvision resolved together from the registry (see DESIGN.md)
 	$(BIN)/python -m pip install --quiet torch torchvision
-	# the optional extras too, so the serve, plot and ONNX tests run for real
-	$(BIN)/python -m pip install --quiet -e '.[test,serve,plot,onnx,digits]'
+	# the optional extras too, so the serve, plot, ONNX, digits and model-library tests run for real
+	$(BIN)/python -m pip install --quiet -e '.[test,serve,plot,onnx,digits,coverage]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -42,6 +42,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/trace_time.py
 	$(BIN)/python benchmarks/ista_overhead.py
 	$(BIN)/python benchmarks/paper_digits.py --jobs 2
+	# fxprune and Torch-Pruning on torchvision, timm, Ultralytics and transformers (~1.5 h)
+	$(BIN)/python benchmarks/coverage.py --markdown docs/coverage.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

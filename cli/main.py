@@ -18,6 +18,7 @@ import fxprune
 from fxprune.cli.options import (
     Arch,
     Force,
+    Frontend,
     InputShape,
     SourceArg,
     Submodule,
@@ -93,15 +94,20 @@ def trace(
     ] = False,
     trust_pickle: TrustPickle = False,
     arch: Arch = None,
+    frontend: Frontend = "auto",
 ) -> None:
     """Trace a model and print its channel groups: what can be pruned together, and why not."""
     if fmt not in ("table", "json"):
         raise typer.BadParameter("--format must be table or json")
-    traced, analysis = _trace_source(source, weights, input_shape, submodule, trust_pickle, arch)
+    traced, analysis = _trace_source(
+        source, weights, input_shape, submodule, trust_pickle, arch, frontend
+    )
     lambdas = _penalties(traced, analysis) if penalties else None
     if fmt == "json":
         data = analysis.to_json()
         data["leaves"] = traced.leaves
+        data["frontend"] = traced.frontend
+        data["notes"] = traced.notes
         if lambdas is not None:
             data["penalties"] = lambdas
         typer.echo(json.dumps(data, indent=2, sort_keys=True))
@@ -113,17 +119,18 @@ def trace(
         from tabulate import tabulate
 
         typer.echo(tabulate(sorted(lambdas.items()), headers=["BN layer", "λ (Eq. 2)"]))
+    typer.echo(f"front end: {traced.frontend}")
     typer.echo(analysis.summary())
 
 
-def _trace_source(source, weights, input_shape, submodule, trust_pickle, arch):
+def _trace_source(source, weights, input_shape, submodule, trust_pickle, arch, frontend="auto"):
     """load → trace → analyse through the pipeline, as `trace` and `doctor` need it."""
     from fxprune.load import parse_input_shape
     from fxprune.pipeline import open_source
 
     analysed = open_source(source, weights=weights, input_shape=parse_input_shape(input_shape),
                            submodule=submodule or None, trust_pickle=trust_pickle,
-                           arch=arch)  # fmt: skip
+                           arch=arch, frontend=frontend)  # fmt: skip
     return analysed.traced, analysed.analysis
 
 
@@ -200,6 +207,7 @@ def compile_cmd(
     trust_pickle: TrustPickle = False,
     force: Force = False,
     arch: Arch = None,
+    frontend: Frontend = "auto",
 ) -> None:
     """Remove dead channels exactly and write a verified TorchScript artifact."""
     from fxprune.load import parse_input_shape
@@ -210,6 +218,7 @@ def compile_cmd(
         submodule=submodule, threshold=threshold, sparsity=sparsity, absorb=absorb,
         emit_py=emit_py, save_checkpoint=save_checkpoint, report_json=report,
         trust_pickle=trust_pickle, force=force, verify=verify, fuse=fuse, round_to=round_to,
+        frontend=frontend,
         min_width=min_width, allow_constant=allow_constant, arch=arch,
         **({} if min_keep is None else {"min_keep": min_keep}),
     )  # fmt: skip
@@ -221,8 +230,7 @@ def compile_cmd(
             f"zeroed {outcome.zeroed} channels; output drift from zeroing: {outcome.drift:.3e}"
         )
     if not result.changed:
-        typer.echo("nothing to prune: no channel is constant or dead (train with ISTA, or use "
-                   "--threshold/--sparsity); the artifact is the unchanged model")  # fmt: skip
+        typer.echo(_nothing_to_prune(threshold, sparsity))
     label = "max relative error vs original"
     if absorb == "bias":
         label += " (paper's bias fold: inexact at padded borders)"
@@ -234,6 +242,17 @@ def compile_cmd(
         err(f"warning: {note}")
     for path in outcome.written:
         typer.echo(f"wrote {path}")
+
+
+def _nothing_to_prune(threshold: float | None, sparsity: float | None) -> str:
+    if threshold is None and sparsity is None:
+        hint = "train with ISTA, or use --threshold/--sparsity"
+    else:
+        hint = "the zeroed channels sit in frozen groups or feed padded borders; see fxprune trace"
+    return (
+        f"nothing to prune: no channel is constant or dead ({hint}); "
+        "the artifact is the unchanged model"
+    )
 
 
 @app.command()

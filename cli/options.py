@@ -34,4 +34,22 @@ Arch = Annotated[
     ),
 ]
 
-__all__ = ["Arch", "Force", "InputShape", "SourceArg", "Submodule", "TrustPickle", "Weights"]
+Frontend = Annotated[
+    str,
+    typer.Option(
+        "--frontend",
+        help="auto (fx, then torch.export when fx cannot trace), fx or export",
+    ),
+]
+
+
+__all__ = [
+    "Arch",
+    "Force",
+    "Frontend",
+    "InputShape",
+    "SourceArg",
+    "Submodule",
+    "TrustPickle",
+    "Weights",
+]

@@ -93,19 +93,25 @@ def open_source(
     trust_pickle: bool = False,
     seed: int = 0,
     arch: str | None = None,
+    frontend: str = "auto",
 ) -> Analysed:
     """load → trace → analyse a source string (see `load_model`)."""
     loaded = load_model(source, weights=weights, input_shape=input_shape,
                         trust_pickle=trust_pickle, seed=seed, arch=arch)  # fmt: skip
-    return open_module(loaded, submodule=submodule, owned=True)
+    return open_module(loaded, submodule=submodule, owned=True, frontend=frontend)
 
 
-def open_module(loaded: Loaded, *, submodule: str | None = None, owned: bool = False) -> Analysed:
-    """trace → analyse an already loaded model (e.g. one just trained in memory).
+def open_module(
+    loaded: Loaded, *, submodule: str | None = None, owned: bool = False, frontend: str = "auto"
+) -> Analysed:
+    """trace → analyse an already loaded model (e.g. one just trained in memory);
+    `frontend` is "auto", "fx" or "export" (`fxprune.trace.trace_model`).
 
     With `owned` the traced graph shares the model's layers instead of copying
     them (for a model nobody else holds): zeroing channels then edits them."""
-    traced = trace_model(loaded.module, loaded.example, submodule, copy_module=not owned)
+    traced = trace_model(
+        loaded.module, loaded.example, submodule, copy_module=not owned, frontend=frontend
+    )
     return Analysed(loaded, traced, analyse(traced.gm))
 
 
@@ -250,7 +256,7 @@ def export_source(
     traced = trace_model(loaded.module, loaded.example)
     counts = count_model(traced.gm, traced.example)
     extra = {"format": fmt, **({"opset": opset} if fmt == "onnx" else {})}
-    metadata = artifact_metadata(source, traced.example, counts, **extra)
+    metadata = artifact_metadata(source, traced.example, counts, frontend=traced.frontend, **extra)
     return export_model(traced.gm, traced.example, out, fmt, metadata=metadata, opset=opset,
                         force=force, protect=protect)  # fmt: skip
 
@@ -280,6 +286,7 @@ class CompileConfig:
     min_keep: float = DEFAULT_MIN_KEEP  # per-group floor of --threshold/--sparsity (0: none)
     allow_constant: bool = False  # write a model whose output ignores its input
     arch: str | None = None
+    frontend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.threshold is not None and self.sparsity is not None:
@@ -318,6 +325,7 @@ class CompileOutcome:
         return {
             "fxprune_version": fxprune.__version__,
             "source": self.loaded.source,
+            "frontend": self.traced.frontend,
             "input_shape": list(self.traced.example.shape),
             "channels_removed": self.result.removed_classes,
             "channels_total": self.result.total_classes,
@@ -332,30 +340,42 @@ class CompileOutcome:
         }
 
 
-def compile_source(config: CompileConfig, progress: Progress | None = None) -> CompileOutcome:
-    """Run the whole pipeline; write the artifact only if it verifies."""
+def compile_source(
+    config: CompileConfig, progress: Progress | None = None, loaded: Loaded | None = None
+) -> CompileOutcome:
+    """Run the whole pipeline; write the artifact only if it verifies. With
+    `loaded` (a model already built, e.g. by a benchmark), skip loading."""
     say = progress or (lambda _msg: None)
     protect = _inputs(config)
     _check_outputs(config, protect)
     # the artifact's fresh-process check imports torch while we compile
     with IsolatedVerifier() as verifier:
-        return _compile_and_write(config, protect, verifier, say)
+        return _compile_and_write(config, protect, verifier, say, loaded)
 
 
 def _compile_and_write(
-    config: CompileConfig, protect: list[Path], verifier: IsolatedVerifier, say: Progress
+    config: CompileConfig,
+    protect: list[Path],
+    verifier: IsolatedVerifier,
+    say: Progress,
+    loaded: Loaded | None = None,
 ) -> CompileOutcome:
-    say(f"loading {config.source}")
-    loaded = load_model(config.source, weights=config.weights, input_shape=config.input_shape,
-                        trust_pickle=config.trust_pickle, seed=config.seed,
-                        arch=config.arch)  # fmt: skip
+    owned = loaded is None  # a model the caller handed in is not ours to edit
+    if loaded is None:
+        say(f"loading {config.source}")
+        loaded = load_model(config.source, weights=config.weights, input_shape=config.input_shape,
+                            trust_pickle=config.trust_pickle, seed=config.seed,
+                            arch=config.arch)  # fmt: skip
     if config.save_checkpoint is not None and loaded.architecture is None:
         raise UsageError(
             f"--save-checkpoint writes data only, and {config.source} is a pickled module: "
             "compile zoo:NAME, torchvision:NAME or pkg.mod:factory with --weights instead"
         )
     say("tracing and analysing channels")
-    analysed = open_module(loaded, submodule=config.submodule, owned=True)
+    analysed = open_module(
+        loaded, submodule=config.submodule, owned=owned, frontend=config.frontend
+    )
+    say(f"front end: {analysed.traced.frontend}")
     say(f"compiling and verifying on {config.verify} random input(s)")
     compiled = compile_analysed(
         analysed,
@@ -499,7 +519,8 @@ def _write_staged(
     exported = export_torchscript(
         deploy, example, config.out,
         metadata=artifact_metadata(outcome.loaded.source, example, outcome.before, outcome.after,
-                                   absorb=config.absorb, fused=config.fuse),
+                                   absorb=config.absorb, fused=config.fuse,
+                                   frontend=outcome.traced.frontend),
         force=config.force, protect=protect, verifier=verifier,
     )  # fmt: skip
     outcome.artifact_warnings += exported.warnings

@@ -190,6 +190,9 @@ def _index_tensor(lab, node, base, ids: np.ndarray, index) -> None:
     first, chan = entries[0], entries[1]
     if first != slice(None) or not isinstance(chan, slice) or any(e is None for e in entries[:2]):
         return lab.frozen_output(node, f"{op_name(node)}: indexes the batch or channel axis")
+    if any(e != slice(None) for e in entries[2 : 1 + ids.ndim]):
+        # y.view(B, 17, 3, N)[:, :, :2] (YOLO pose keypoints): inside a split channel axis
+        return lab.frozen_output(node, f"{op_name(node)}: indexes inside a split channel axis")
     if chan == slice(None):
         return lab.set(node, ids, "structural")
     if ids.ndim != 1 or chan.step not in (None, 1):

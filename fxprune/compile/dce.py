@@ -6,6 +6,7 @@ ops (`x.add_(y)` whose result is unused) must stay.
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from fxprune.analysis.vocabulary import mutates_input
@@ -20,6 +21,8 @@ def _side_effect_free(node: fx.Node, gm: fx.GraphModule) -> bool:
         module = type(gm.get_submodule(node.target))
         return module.__module__.startswith("torch.nn") or module.__name__ == "BorderTerm"
     if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):  # export's aten: its schema knows
+            return not node.target._schema.is_mutable  # aten.copy_ into a view of a tensor
         module = getattr(node.target, "__module__", None) or ""
         return module.split(".")[0] in _PURE_MODULES
     return False

@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from fxprune.analysis.rules import expand_index, narrow_args
 from fxprune.analysis.vocabulary import concrete, tensor_shape
+from fxprune.errors import CompileError
 
 
 def fix_literal_channel_args(node: fx.Node, keep: dict) -> None:
@@ -34,10 +35,17 @@ def fix_literal_channel_args(node: fx.Node, keep: dict) -> None:
 
 def _kept_block_shape(node: fx.Node, keep: np.ndarray) -> tuple[int, ...]:
     ids = node.meta["channels"]
+    if keep.all():
+        return tuple(ids.shape)  # e.g. view(B, 1, 2, -1) of an untouched block
     if ids.ndim == 1:
         return (int(keep.sum()),)
-    rows = keep.reshape(ids.shape)
-    return (ids.shape[0], int(rows[0].sum()))  # columns are tied: every row keeps the same
+    if ids.ndim == 2:
+        rows = keep.reshape(ids.shape)
+        return (ids.shape[0], int(rows[0].sum()))  # columns are tied: every row keeps the same
+    raise CompileError(
+        f"{node.name}: cannot rewrite the literal sizes of a channel axis split over "
+        f"{ids.ndim} axes; freeze it or report this model"
+    )
 
 
 def _fix_reshape(node: fx.Node, keep: dict) -> None:

@@ -63,6 +63,18 @@ def export_torchscript(
     return result
 
 
+def _untensored(err: BaseException) -> str:
+    """`describe(err)` without the tensor values torch.jit prints; for a
+    non-tensor output (a dict from a detection head), say what to do."""
+    line = describe(err)
+    if "cannot infer type of" in line:
+        return (
+            "an output is not a tensor or a tuple of tensors (e.g. a dict); "
+            "--frontend export flattens the outputs"
+        )
+    return line.split("(tensor(")[0].strip()
+
+
 def _to_torchscript(
     module: nn.Module, example: torch.Tensor
 ) -> tuple[torch.jit.ScriptModule, str, list[str]]:
@@ -78,7 +90,7 @@ def _to_torchscript(
                 traced = torch.jit.trace(module, example, strict=False, check_trace=False)
             except Exception as err:
                 raise ExportError(
-                    f"torch.jit.script and torch.jit.trace both failed: {describe(err)}"
+                    f"torch.jit.script and torch.jit.trace both failed: {_untensored(err)}"
                 ) from err
     notes = [
         f"torch.jit.script failed ({reason}); used torch.jit.trace, which records only the "

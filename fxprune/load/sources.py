@@ -13,9 +13,11 @@ Nothing read from a file is executed, imported or called.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import pickle
+import sys
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -166,14 +168,16 @@ def _load_registry(source: str) -> Loaded:
 
 def _load_factory(source: str) -> Loaded:
     module_name, factory_name = source.split(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), factory_name)
-    except (ImportError, AttributeError) as exc:
-        raise LoadError(f"cannot import {source}: {exc}") from None
-    try:
-        module = factory()
-    except Exception as exc:
-        raise LoadError(f"{source}() failed: {type(exc).__name__}: {exc}") from None
+    # libraries print banners (Ultralytics' settings notice): keep stdout for our output
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            factory = getattr(importlib.import_module(module_name), factory_name)
+        except (ImportError, AttributeError) as exc:
+            raise LoadError(f"cannot import {source}: {exc}") from None
+        try:
+            module = factory()
+        except Exception as exc:
+            raise LoadError(f"{source}() failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(module, nn.Module):
         raise LoadError(f"{source}() returned {type(module).__name__}, not an nn.Module")
     shape = getattr(module, "input_shape", None) or (1, 3, 224, 224)

@@ -1,20 +1,26 @@
 """Stage 2, trace: a user's module to an analysable, shape-annotated graph.
 
-Front ends: `symbolic` (torch.fx symbolic tracing with a leaf-module policy).
+Front ends: `symbolic` (torch.fx symbolic tracing with a leaf-module policy)
+and `exported` (torch.export, non-strict, its aten ops rewritten into the
+same vocabulary by `aten_ops`); `canonical` turns functional layers on one
+module's parameters into that module; `frontends.trace_model` picks one.
 Shapes land in `node.meta["tensor_meta"]` / `node.meta["value"]`.
 """
 
+from fxprune.trace.exported import export_graph
+from fxprune.trace.frontends import FRONTENDS, trace_model
 from fxprune.trace.shapes import SAME_SHAPE, mutable_copy, propagate_shapes
 from fxprune.trace.symbolic import (
     LeafPolicyTracer,
     Traced,
     resolve_submodule,
     symbolic_trace,
-    trace_model,
 )
 
 __all__ = [
+    "FRONTENDS",
     "SAME_SHAPE",
+    "export_graph",
     "LeafPolicyTracer",
     "Traced",
     "mutable_copy",

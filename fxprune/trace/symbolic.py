@@ -8,7 +8,7 @@ values (sizes, ints, tuples) `node.meta["value"]`. Later stages read these.
 
 from __future__ import annotations
 
-import copy
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -17,12 +17,12 @@ from torch import nn
 
 from fxprune.errors import TraceError, first_line
 from fxprune.modules import BorderTerm
-from fxprune.trace.shapes import propagate_shapes
 
 # Modules fx must not trace into: their forward is data dependent or they are
 # opaque kernels. The channel analysis freezes whatever they touch.
 _OPAQUE_PREFIXES = ("torchvision.ops.deform_conv", "torchvision.ops.roi", "torchvision.ops.ps_roi")
 _MAX_AUTO_LEAVES = 32
+CANNOT_TRACE = "fx cannot trace inside"
 
 
 @dataclass
@@ -31,13 +31,16 @@ class Traced:
 
     `gm` is the GraphModule (of `submodule` when one was given); `example` is
     the input it was shape-propagated with; `leaves` maps the qualified name
-    of every module kept opaque to the reason why.
+    of every module kept opaque to the reason why; `frontend` is "fx" or
+    "export"; `notes` say what the front end rewrote (functional layers).
     """
 
     gm: fx.GraphModule
     example: torch.Tensor
     leaves: dict[str, str] = field(default_factory=dict)
     submodule: str | None = None
+    frontend: str = "fx"
+    notes: list[str] = field(default_factory=list)
 
 
 class LeafPolicyTracer(fx.Tracer):
@@ -100,11 +103,14 @@ def symbolic_trace(module: nn.Module, leaves: dict[str, str] | None = None) -> f
                     f"{f' (in {culprit})' if culprit else ''}: {first_line(exc)}; "
                     "trace a part of it with --submodule PATH (e.g. --submodule backbone)"
                 ) from exc
-            leaves[culprit] = f"fx cannot trace inside: {first_line(exc)}"
+            leaves[culprit] = f"{CANNOT_TRACE}: {first_line(exc).split('. ')[0]}"
             continue
         name = type(module).__name__
         return fx.GraphModule(tracer.root, graph, name)
-    raise TraceError(f"torch.fx cannot trace {type(module).__name__}: too many untraceable parts")
+    parts = ", ".join(list(leaves)[:4]) + (f" +{len(leaves) - 4} more" if len(leaves) > 4 else "")
+    raise TraceError(
+        f"torch.fx cannot trace {type(module).__name__}: too many untraceable parts ({parts})"
+    )
 
 
 def resolve_submodule(module: nn.Module, path: str) -> nn.Module:
@@ -118,32 +124,43 @@ def resolve_submodule(module: nn.Module, path: str) -> nn.Module:
         ) from None
 
 
-def trace_model(
-    module: nn.Module,
-    example: torch.Tensor,
-    submodule: str | None = None,
-    *,
-    copy_module: bool = True,
-) -> Traced:
-    """Trace a deep copy of `module` (or of its `submodule`) and propagate shapes.
+def bound_to_input(module: nn.Module) -> nn.Module:
+    """Make `module.forward` take the input alone, every other argument bound
+    to its default (YOLO's `forward(x, *args, **kwargs)`, Hugging Face's
+    `forward(pixel_values, labels=None, ...)`): fx would trace them as inputs.
+    `unbind` undoes it."""
+    cls = type(module)
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    if len(params) < 2 or any(p.default is p.empty for p in params[1:] if p.kind in _NAMED):
+        return module
+    forward = cls.forward
 
-    The input module is never mutated. With `copy_module=False` the graph shares
-    the module's layers (no copy; for a module nobody else holds, such as one
-    fxprune just loaded): later zeroing then writes into those layers. With
-    `submodule`, `example` must be the input of that submodule.
-    """
-    target = resolve_submodule(module, submodule) if submodule else module
-    target = (copy.deepcopy(target) if copy_module else target).eval()
-    leaves: dict[str, str] = {}
-    gm = symbolic_trace(target, leaves)
-    propagate_shapes(gm, example)
-    return Traced(gm=gm, example=example, leaves=leaves, submodule=submodule)
+    def bound(self, x):
+        return forward(self, x)
+
+    # fx names the graph's input after the argument: keep the user's name
+    bound.__code__ = bound.__code__.replace(co_varnames=("self", params[0].name))
+    module.__class__ = type(cls.__name__, (cls,), {"forward": bound, "_fxprune_bound": cls,
+                                                    "__module__": cls.__module__})  # fmt: skip
+    return module
+
+
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def unbind(module: nn.Module) -> None:
+    """Give a module `bound_to_input` changed its own class back."""
+    original = type(module).__dict__.get("_fxprune_bound")
+    if original is not None:
+        module.__class__ = original
 
 
 __all__ = [
+    "CANNOT_TRACE",
     "LeafPolicyTracer",
     "Traced",
+    "bound_to_input",
     "resolve_submodule",
     "symbolic_trace",
-    "trace_model",
+    "unbind",
 ]

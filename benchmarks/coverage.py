@@ -1,0 +1,313 @@
+"""Coverage: fxprune and Torch-Pruning on the models people actually prune.
+
+Regenerate docs/coverage.md (one subprocess per model, so a hang or a crash
+costs one row, not the table):
+
+    .venv/bin/python benchmarks/coverage.py --markdown docs/coverage.md
+    .venv/bin/python benchmarks/coverage.py --family timm --models resnet18,dla34
+
+Per model, with random BatchNorm statistics and a random half of every γ
+exactly 0 (the same model for both tools):
+- fxprune: the pipeline's stages (`open_module`: trace with the automatic
+  front end and analyse; `compile_analysed`: compile and verify), the
+  TorchScript artifact written, reloaded with `torch.jit.load` and compared
+  with the user's model; front end used, share of channels prunable,
+  channels removed, worst relative error per output.
+- Torch-Pruning (if installed): its dependency graph removes exactly the
+  zero-γ channels of every BatchNorm; success, time, output error.
+A model fxprune does not prune says why in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from coverage_models import FAMILIES, build, zero_half_gamma
+from torch import nn
+
+from fxprune.errors import FxpruneError, describe
+from fxprune.testing import randomize_batchnorm
+from fxprune.verify import TOLERANCE, flatten_outputs, relative_error, run_model
+
+warnings.filterwarnings("ignore")
+
+
+def _line(exc: BaseException) -> str:
+    return describe(exc)[:160]
+
+
+def output_error(expected, actual) -> float:
+    """Worst relative error over the outputs, each against its own scale."""
+    exp, act = flatten_outputs(expected), flatten_outputs(actual)
+    if len(exp) != len(act):
+        return float("inf")
+    errors = [relative_error(e, a) if e.shape == a.shape else float("inf")
+              for e, a in zip(exp, act, strict=True)]  # fmt: skip
+    return max(errors, default=0.0)
+
+
+def run_fxprune(model: nn.Module, x: torch.Tensor, source: str) -> dict:
+    """The pipeline's stages on `model` (trace with the automatic front end,
+    analyse, compile, verify); the TorchScript artifact written, reloaded
+    with `torch.jit.load` and compared with the user's model."""
+    from fxprune.export import export_torchscript
+    from fxprune.pipeline import compile_analysed, loaded_module, open_module
+
+    start = time.perf_counter()
+    row: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model.ts"
+        try:
+            analysed = open_module(loaded_module(copy.deepcopy(model), x, source))
+            compiled = compile_analysed(analysed, verify=2)
+            export_torchscript(
+                compiled.result.gm, x, out, metadata={"source": source}, verify=False
+            )  # fmt: skip  (checked below, against the user's model)
+        except FxpruneError as exc:
+            return {"fx_status": f"refused: {str(exc).splitlines()[0][:200]}",
+                    "fx_time": time.perf_counter() - start}  # fmt: skip
+        except Exception as exc:  # the table must show internal errors, not die
+            return {"fx_status": f"INTERNAL ERROR {_line(exc)}",
+                    "fx_time": time.perf_counter() - start}  # fmt: skip
+        row["fx_time"] = time.perf_counter() - start
+        groups, result = analysed.analysis.groups, compiled.result
+        row["frontend"] = analysed.traced.frontend
+        row["prunable"] = sum(g.prunable_channels for g in groups) / max(
+            1, sum(g.width for g in groups)
+        )
+        row["removed"] = f"{result.removed_classes}/{result.total_classes}"
+        reference = run_model(model, x)
+        row["fx_error"] = output_error(reference, run_model(result.gm, x))
+        row["artifact_error"] = output_error(reference, run_model(torch.jit.load(str(out)), x))
+    if max(row["fx_error"], row["artifact_error"]) > TOLERANCE:
+        row["fx_status"] = "MISMATCH"
+    elif result.removed_classes == 0:
+        row["fx_status"] = "nothing removed: " + _why_nothing(analysed.analysis)
+    else:
+        row["fx_status"] = "ok"
+    return row
+
+
+def _why_nothing(analysis) -> str:
+    reasons = [r for g in analysis.groups for r in set(g.frozen.values())]
+    if not reasons:
+        return "zeroed channels feed padded or spatial ops and are not constant there"
+    common = max(set(reasons), key=reasons.count)
+    return f"groups frozen, mostly: {common}"[:160]
+
+
+def run_torch_pruning(model: nn.Module, x: torch.Tensor) -> dict:
+    """Torch-Pruning 1.6 removes exactly the zero-γ channels of every BatchNorm."""
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        return {"tp_status": "not installed"}
+    start = time.perf_counter()
+    pruned = copy.deepcopy(model)
+    removed = 0
+    try:
+        graph = tp.DependencyGraph().build_dependency(pruned, example_inputs=x)
+        for bn in [m for m in pruned.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
+            if bn.weight is None:
+                continue
+            idxs = torch.nonzero(bn.weight == 0).flatten().tolist()
+            if not idxs or len(idxs) == len(bn.weight):
+                continue
+            group = graph.get_pruning_group(bn, tp.prune_batchnorm_out_channels, idxs)
+            if graph.check_pruning_group(group):
+                before = bn.weight.shape[0]
+                group.prune()
+                removed += before - bn.weight.shape[0]
+        error = output_error(run_model(model, x), run_model(pruned, x))
+    except Exception as exc:
+        return {"tp_status": f"error {_line(exc)}", "tp_time": time.perf_counter() - start}
+    status = "ok" if removed else "nothing removed"
+    if removed and error > TOLERANCE:
+        status = "inexact"
+    return {"tp_status": status, "tp_time": time.perf_counter() - start, "tp_error": error,
+            "tp_removed": removed}  # fmt: skip
+
+
+def run_one(family: str, name: str) -> dict:
+    """One row: build, randomise BN, zero half of every γ, run both tools."""
+    torch.manual_seed(0)
+    row: dict = {"family": family, "model": name}
+    try:
+        model, shape, sub = build(family, name)
+    except Exception as exc:
+        return {**row, "fx_status": f"cannot build: {_line(exc)}", "tp_status": "-"}
+    row["sub"] = sub
+    row["input"] = "x".join(map(str, shape))
+    randomize_batchnorm(model, seed=0)
+    row["zeroed"] = zero_half_gamma(model, seed=0)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    row.update(run_fxprune(model, x, f"{family}:{name}"))
+    print(json.dumps(row, default=float), flush=True)  # kept if Torch-Pruning hangs
+    row.update(run_torch_pruning(model, x))
+    return row
+
+
+def run_isolated(family: str, name: str, timeout: float) -> dict:
+    """`run_one` in a fresh process; a timeout or crash becomes the row's status."""
+    command = [sys.executable, __file__, "--one", family, name]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        status = f"timeout after {timeout:.0f} s"
+        partial = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        done = [ln for ln in partial.splitlines() if ln.startswith("{")]
+        row = json.loads(done[-1]) if done else {"family": family, "model": name,
+                                                 "fx_status": status}  # fmt: skip
+        return {**row, "tp_status": status}
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
+        status = f"process died ({done.returncode}): {tail}"
+        return {"family": family, "model": name, "fx_status": status, "tp_status": "-"}
+    row = json.loads(lines[-1])
+    row["wall"] = time.perf_counter() - start
+    return row
+
+
+def _pct(value) -> str:
+    return "" if value is None else f"{100 * value:.0f} %"
+
+
+def _sec(value) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
+def _err(value) -> str:
+    return "" if value is None else f"{value:.1e}"
+
+
+def fx_success(row: dict) -> bool:
+    return row.get("fx_status") == "ok"
+
+
+def tp_success(row: dict) -> bool:
+    return row.get("tp_status") in ("ok", "inexact")
+
+
+def summary_rows(rows: list[dict]) -> list[list]:
+    """Per family: models, fxprune successes (all exact), Torch-Pruning
+    successes and how many of them are exact, fxprune internal errors."""
+    table = []
+    for family in dict.fromkeys(r["family"] for r in rows):
+        part = [r for r in rows if r["family"] == family]
+        subs = len({r.get("sub") for r in part})
+        internal = sum("INTERNAL" in r.get("fx_status", "") for r in part)
+        tp_exact = sum(r.get("tp_status") == "ok" for r in part)
+        table.append([family, len(part), subs, sum(map(fx_success, part)), internal,
+                      sum(map(tp_success, part)), tp_exact])  # fmt: skip
+    return table
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    from tabulate import tabulate
+
+    head = ["family", "models", "sub-families", "fxprune ok (exact)", "fxprune internal errors",
+            "Torch-Pruning ran", "Torch-Pruning exact"]  # fmt: skip
+    body = [[r["family"], r["model"], r.get("sub", ""), r.get("frontend", ""),
+             _pct(r.get("prunable")), r.get("removed", ""), _err(r.get("fx_error")),
+             _err(r.get("artifact_error")), _sec(r.get("fx_time")), r.get("fx_status", ""),
+             r.get("tp_status", ""), _err(r.get("tp_error")), _sec(r.get("tp_time"))]
+            for r in rows]  # fmt: skip
+    cols = ["family", "model", "sub", "front end", "prunable", "removed", "error", "artifact error",
+            "fxprune s", "fxprune", "Torch-Pruning", "TP error", "TP s"]  # fmt: skip
+    return "\n".join([
+        "# Coverage: fxprune and Torch-Pruning on the same models",
+        "",
+        f"Generated by `{command}` (one process per model). Random BatchNorm statistics, a "
+        "random half of every γ exactly 0. fxprune: the pipeline's stages (automatic front "
+        "end, compile, verify; TorchScript artifact reloaded and compared); *error* is the worst "
+        "relative error over the outputs, each against its own scale, compact model vs the "
+        "user's model; *ok* means exact (≤ 1e-4) with channels removed. Torch-Pruning 1.6: "
+        "its dependency graph removes exactly the zero-γ channels of every BatchNorm "
+        "(*inexact* when the output moved by more than 1e-4).",
+        "",
+        tabulate(summary_rows(rows), headers=head, tablefmt="github"),
+        "",
+        tabulate(body, headers=cols, tablefmt="github"),
+        "",
+    ])  # fmt: skip
+
+
+def _report_row(row: dict, jsonl: Path | None) -> None:
+    print(f"{row['family']:12} {row['model']:28} fxprune: {row.get('fx_status')} | "
+          f"Torch-Pruning: {row.get('tp_status')}", flush=True)  # fmt: skip
+    if jsonl:
+        with jsonl.open("a") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+
+
+def _done_rows(path: Path | None) -> dict[tuple[str, str], dict]:
+    if path is None or not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["family"], r["model"]): r for r in rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--one", nargs=2, metavar=("FAMILY", "NAME"), help=argparse.SUPPRESS)
+    parser.add_argument("--family", action="append", choices=sorted(FAMILIES))
+    parser.add_argument("--models", help="comma-separated names (with one --family)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
+    parser.add_argument("--markdown", type=Path, help="write the table here")
+    parser.add_argument("--jobs", type=int, default=1, help="models run side by side")
+    parser.add_argument("--render", action="store_true",
+                        help="only write the table of the rows already in --jsonl")  # fmt: skip
+    parser.add_argument("--jsonl", type=Path,
+                        help="append every row here as it finishes; rows already there are "
+                        "reused, not run again (delete the file to start afresh)")  # fmt: skip
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(*args.one), default=float), flush=True)
+        return
+    families = args.family or list(FAMILIES)
+    done = _done_rows(args.jsonl)
+    todo = [(f, n) for f in families for n in (args.models.split(",") if args.models
+                                               else FAMILIES[f])]  # fmt: skip
+    missing = [f"{f}:{n}" for f, n in todo if (f, n) not in done]
+    if args.render:
+        todo = [key for key in todo if key in done]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        lock = threading.Lock()
+
+        def finished(future) -> None:
+            with lock:  # one line at a time in the log and the jsonl file
+                _report_row(future.result(), args.jsonl)
+
+        futures = {}
+        for key in todo:
+            if key not in done:
+                futures[key] = pool.submit(run_isolated, *key, args.timeout)
+                futures[key].add_done_callback(finished)
+        rows = [done[key] if key in done else futures[key].result() for key in todo]
+    command = "python benchmarks/coverage.py " + " ".join(sys.argv[1:])
+    text = markdown(rows, command.strip())
+    if args.render and missing:
+        text += (
+            f"\nNot run yet (run the command without --render to add them): {', '.join(missing)}\n"
+        )
+    if args.markdown:
+        args.markdown.write_text(text)
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

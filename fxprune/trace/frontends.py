@@ -1,0 +1,96 @@
+"""The front door of the trace stage: a user's module to an analysable graph.
+
+`trace_model` picks a front end ("fx": symbolic tracing, `symbolic.py`;
+"export": torch.export, `exported.py`), propagates shapes, then writes the
+graph in one vocabulary (`canonical.py`), so the analysis never asks where a
+graph came from.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch._ops import OpOverload
+
+from fxprune.errors import TraceError
+from fxprune.trace.canonical import fold_zero_padding, functional_layers_to_modules
+from fxprune.trace.exported import export_graph
+from fxprune.trace.shapes import propagate_shapes
+from fxprune.trace.symbolic import (
+    CANNOT_TRACE,
+    Traced,
+    bound_to_input,
+    resolve_submodule,
+    symbolic_trace,
+    unbind,
+)
+
+FRONTENDS = ("auto", "fx", "export")
+
+
+def trace_model(
+    module: nn.Module,
+    example: torch.Tensor,
+    submodule: str | None = None,
+    frontend: str = "auto",
+    *,
+    copy_module: bool = True,
+) -> Traced:
+    """Trace a deep copy of `module` (or of its `submodule`) and propagate shapes.
+
+    `frontend` "fx" traces symbolically, "export" uses torch.export, "auto"
+    uses fx and switches to export when fx fails or has to leave parts of
+    the model opaque (and export succeeds). The input module is never
+    mutated; with `copy_module=False` the graph shares the module's layers (no
+    copy; for a module nobody else holds): later zeroing writes into them.
+    With `submodule`, `example` must be the input of that submodule.
+    """
+    if frontend not in FRONTENDS:
+        raise TraceError(f"unknown front end '{frontend}' (choose from {', '.join(FRONTENDS)})")
+    target = resolve_submodule(module, submodule) if submodule else module
+    target = (copy.deepcopy(target) if copy_module else target).eval()
+    leaves: dict[str, str] = {}
+    gm, used, fx_error = None, "fx", None
+    if frontend != "export":
+        try:
+            gm = symbolic_trace(bound_to_input(target), leaves)
+        except TraceError as exc:
+            if frontend == "fx":
+                raise
+            fx_error = exc
+        finally:
+            unbind(target)
+    if gm is None or (frontend == "auto" and _auto_leaves(leaves)):
+        exported = _export(target, example, fx_error, required=gm is None)
+        if exported is not None:
+            gm, used, leaves = exported, "export", {}
+    propagate_shapes(gm, example)
+    notes = functional_layers_to_modules(gm) + fold_zero_padding(gm)
+    kept = sorted({str(n.target) for n in gm.graph.nodes if isinstance(n.target, OpOverload)})
+    if kept:
+        notes.append(f"aten ops kept as they are (frozen where they touch channels): "
+                     f"{', '.join(kept)}")  # fmt: skip
+    return Traced(gm=gm, example=example, leaves=leaves, submodule=submodule,
+                  frontend=used, notes=notes)  # fmt: skip
+
+
+def _auto_leaves(leaves: dict[str, str]) -> bool:
+    return any(reason.startswith(CANNOT_TRACE) for reason in leaves.values())
+
+
+def _export(target: nn.Module, example: torch.Tensor, fx_error, required: bool):
+    """The export front end's graph; when fx gave a graph too (`required`
+    False), None if export fails. fx's error is named beside export's."""
+    try:
+        return export_graph(target, example)
+    except TraceError as exc:
+        if not required:
+            return None
+        if fx_error is None:
+            raise
+        raise TraceError(f"{fx_error}; {exc}") from exc
+
+
+__all__ = ["FRONTENDS", "trace_model"]
