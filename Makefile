@@ -38,10 +38,13 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/compile_time.py
 	$(BIN)/python benchmarks/latency.py --batch 1
 	$(BIN)/python benchmarks/latency.py --batch 8 --repeats 6
+	$(BIN)/python benchmarks/latency.py --model mobilenet_v2 --batch 1
+	$(BIN)/python benchmarks/latency.py --model mobilenet_v2 --batch 8 --repeats 6
 	$(BIN)/python benchmarks/conv_path.py
 	$(BIN)/python benchmarks/trace_time.py
 	$(BIN)/python benchmarks/ista_overhead.py
 	$(BIN)/python benchmarks/paper_digits.py --jobs 2
+	$(BIN)/python benchmarks/vs_torch_pruning.py
 	# fxprune and Torch-Pruning on torchvision, timm, Ultralytics and transformers (~1.5 h)
 	$(BIN)/python benchmarks/coverage.py --markdown docs/coverage.md
 
