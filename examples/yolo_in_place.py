@@ -92,6 +92,17 @@ def export_torchscript(model, size: int, folder: Path) -> Path:
         os.chdir(cwd)
 
 
+def update_widths(model: torch.nn.Module) -> None:
+    """Ultralytics keeps each C2f/C3k2 block's hidden width in `m.c`, read by the
+    `split((m.c, m.c), 1)` of its export path (the traced forward uses `chunk(2)`,
+    which fxprune keeps balanced): set it to the pruned width."""
+    for module in model.modules():
+        conv = getattr(getattr(module, "cv1", None), "conv", None)
+        if isinstance(getattr(module, "c", None), int) and isinstance(conv, torch.nn.Conv2d):
+            if hasattr(module, "m") and conv.out_channels % 2 == 0:
+                module.c = conv.out_channels // 2
+
+
 def main(size: int = 96, steps: int = 12, folder: Path | None = None) -> dict:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -107,6 +118,7 @@ def main(size: int = 96, steps: int = 12, folder: Path | None = None) -> dict:
 
     before = copy.deepcopy(model)
     report = fxprune.prune_(model, example)  # border="keep": Ultralytics' fuse() sees plain convs
+    update_widths(model)
     error = relative_error(run_model(before, example), run_model(model, example))
     print(report.summary().splitlines()[0])
     print(f"still {type(model).__name__}; max relative error {error:.1e}")
