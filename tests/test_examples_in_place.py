@@ -52,10 +52,6 @@ def test_ista_for_wraps_the_users_optimizer_and_makes_exact_zeros():
 
 def needs_export_front_end():
     """Ultralytics and Hugging Face models trace only through the torch.export front end."""
-    import fxprune.trace
-
-    if not hasattr(fxprune.trace, "export_graph"):
-        pytest.skip("needs the torch.export front end (issue 17, branch export)")
 
 
 def test_yolo_example_trains_prunes_trains_and_exports_with_ultralytics(tmp_path):

@@ -217,10 +217,7 @@ def test_timm_norm_act_models_prune_in_place_exactly(name):
     """timm's BatchNormAct2d calls F.batch_norm: understood through the functional-layer
     canonicalisation of the front end (issue 17). CSP blocks split with literal widths."""
     timm = pytest.importorskip("timm")
-    import fxprune.trace
 
-    if not hasattr(fxprune.trace, "export_graph"):
-        pytest.skip("needs the front end's functional layers (issue 17, branch export)")
     model = timm.create_model(name, pretrained=False, num_classes=10)
     kind = type(model)
     report, errors, original = prune_checked(model, (2, 3, 32, 32))
