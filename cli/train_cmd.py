@@ -113,6 +113,14 @@ def train_command(
     sparsity: Annotated[float, typer.Option(help="slimming: final fraction of γ zeroed.")] = 0.5,
     rate: Annotated[float, typer.Option(help="sfp / l1: fraction of filters per layer.")] = 0.3,
     slimming_lambda: Annotated[float, typer.Option(help="slimming: L1 strength.")] = 1e-4,
+    recalibrate_bn: Annotated[
+        int,
+        typer.Option(
+            "--recalibrate-bn",
+            help="Train batches that re-estimate BatchNorm statistics after each pruning "
+            "epoch (0: off); a shrinking γ leaves them stale.",
+        ),
+    ] = 20,
     resume: Resume = None,
     device: Device = "cpu",
     seed: Seed = 0,
@@ -131,6 +139,7 @@ def train_command(
         group_ista=group_ista, optimizer=optimizer, ema=ema, until_plateau=until_plateau,
         snapshot_at=parse_levels(snapshot_at), seed=seed, device=device, sfp_rate=rate,
         l1_rate=rate, slimming_lambda=slimming_lambda, sparsity=sparsity,
+        recalibrate=recalibrate_bn,
     )  # fmt: skip
     run_training(source, DataOptions(data, image_size, augment), out, config, resume=resume,
                  weights=weights, force=force, arch=arch)  # fmt: skip

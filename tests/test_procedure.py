@@ -18,7 +18,7 @@ from fxprune.trace import trace_model
 from fxprune.train import TrainConfig, train
 from fxprune.train.data import load_data
 from fxprune.train.ista import penalty_targets
-from fxprune.train.procedure import RhoSchedule, plateaued
+from fxprune.train.procedure import RhoSchedule, plateaued, recalibrate_batchnorm
 
 torch.set_num_threads(2)
 
@@ -139,3 +139,51 @@ def test_readme_ista_command_reaches_exact_zeros_that_compile(tmp_path, monkeypa
     x = torch.randn(8, 3, 32, 32)
     assert compact.removed_classes >= zeros
     assert relative_error(run_model(model, x), run_model(compact.gm, x)) <= 1e-4
+
+
+def _stale_model() -> torch.nn.Module:
+    """Conv-BN-ReLU → Linear-BN1d whose first BN's γ shrank 20× after its
+    statistics were last updated: the second BN's running variance is 400× stale."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 16), torch.nn.BatchNorm1d(16),
+        torch.nn.Dropout(0.5), torch.nn.Linear(16, 4),
+    )  # fmt: skip
+    model.train()
+    with torch.no_grad():
+        for _ in range(30):
+            model(torch.randn(32, 3, 6, 6))
+        model[1].weight /= 20
+        model[1].bias /= 20
+    return model
+
+
+def test_recalibrate_batchnorm_matches_training_statistics():
+    model = _stale_model()
+    batches = [torch.randn(64, 3, 6, 6) for _ in range(8)]
+    x = torch.cat(batches)
+    model.eval()
+    with torch.no_grad():
+        stale = model(x)
+        hidden = model[:5](x)  # what BatchNorm1d sees, eval mode upstream
+    assert (model[5].running_var / hidden.var(0)).min() > 50  # really stale
+    dropout_was = model[6].training
+    used = recalibrate_batchnorm(model, [(b, None) for b in batches])
+    assert used == 8
+    assert not model.training and model[6].training == dropout_was  # modes restored
+    assert model[5].momentum == 0.1 and model[1].momentum == 0.1
+    with torch.no_grad():
+        fresh = model(x)
+        hidden = model[:5](x)
+    ratio = model[5].running_var / hidden.var(0)
+    assert ratio.min() > 0.8 and ratio.max() < 1.25  # the batches' average
+    assert not torch.allclose(stale, fresh)
+
+
+def test_recalibrate_batchnorm_with_no_batches_keeps_statistics():
+    model = _stale_model()
+    before = [b.clone() for b in model.buffers()]
+    assert recalibrate_batchnorm(model, []) == 0
+    for a, b in zip(before, model.buffers(), strict=True):
+        assert torch.equal(a, b)

@@ -7,6 +7,7 @@
         loss_fn(model(x), y).backward()
         optimizer.step()                     # the inner step, then the ISTA prox on γ
     print(ista.sparsity(), ista.lasso())
+    ista.recalibrate(loader, batches=20)     # fresh BN statistics before eval or pruning
     fxprune.prune_(model, example)           # remove the channels whose γ reached 0
 
 The penalties are the paper's Eq. 2 (`fxprune.analysis.costs`) from the
@@ -18,6 +19,8 @@ the penalised γ get no weight decay (it would fight the prox).
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +41,7 @@ from fxprune.train.ista import (
     rescale,
     unscale,
 )
+from fxprune.train.procedure import RECALIBRATION_BATCHES, recalibrate_batchnorm
 
 
 @dataclass
@@ -82,6 +86,13 @@ class Ista:
     def sparsity(self) -> float:
         """Fraction of the penalised γ that are exactly zero."""
         return Monitor(self.model, self.targets, 2).sparsity()[0]
+
+    def recalibrate(self, loader: Iterable, batches: int = RECALIBRATION_BATCHES) -> int:
+        """Re-estimate the model's BatchNorm statistics on the first `batches` of
+        `loader` (`fxprune.train.procedure.recalibrate_batchnorm`: the penalty
+        leaves them stale); returns how many batches were used."""
+        device = next(iter(self.model.parameters()), torch.zeros(0)).device
+        return recalibrate_batchnorm(self.model, itertools.islice(loader, batches), device)
 
     def rescale(self, alpha: float) -> list[str]:
         """γ–W rescaling by α (function unchanged); returns the refused BN modules."""

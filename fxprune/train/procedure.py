@@ -7,6 +7,8 @@
   it, so the averaged model compiles to the same channels.
 - `plateaued`: the paper's stop rule, cross-entropy, sparsity and the lasso term
   all flat over the last epochs.
+- `recalibrate_batchnorm`: re-estimate BatchNorm running statistics after a
+  penalised epoch (see its docstring for why ISTA needs it).
 - `choose_alpha`: the γ–W rescaling factor of the paper's advice, rescaled γ
   around 100·μ·λ·ρ, so a channel the data does not need reaches zero in about
   100 steps.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -25,14 +28,60 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from fxprune.errors import UsageError
 
 __all__ = [
-    "RhoSchedule", "ParameterEma", "plateaued", "choose_alpha", "PLATEAU_EPOCHS",
-    "PLATEAU_TOLERANCE", "PROX_STEPS",
+    "RhoSchedule", "ParameterEma", "plateaued", "choose_alpha", "recalibrate_batchnorm",
+    "PLATEAU_EPOCHS", "PLATEAU_TOLERANCE", "PROX_STEPS", "RECALIBRATION_BATCHES",
 ]  # fmt: skip
 
 PLATEAU_EPOCHS = 3  # epochs whose records must all agree
 PLATEAU_TOLERANCE = 0.02  # relative change of ce and lasso; absolute change of sparsity
+RECALIBRATION_BATCHES = 20  # train batches that re-estimate BN statistics after an epoch
 PROX_STEPS = 100  # the paper: choose α so the rescaled γ sit near 100·μ·λ·ρ
 _PIECE = re.compile(r"^\s*([0-9.eE+-]+)\s*(?::\s*([0-9]+)\s*(ep)?\s*)?$")
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable, device=None) -> int:
+    """Re-estimate every BatchNorm's running mean and variance as the plain average
+    over `batches` (inputs, or (input, target) pairs), without gradients; returns
+    how many batches were used (0 leaves the statistics untouched).
+
+    Why ISTA needs it: a BatchNorm that follows a penalised layer makes the loss
+    blind to that layer's overall γ scale, so the penalty can shrink a whole layer
+    towards zero quickly. Training-mode BatchNorm renormalises and does not
+    notice, but its running statistics (an average with momentum 0.1) lag by up
+    to 5× in variance, and the eval-mode model, which fxprune compiles, loses its
+    accuracy (the demo's ConvNet: 99.5 % → 65 %; 99.8 % after 10 batches here).
+    Only the BatchNorm layers run in training mode; everything else (dropout)
+    stays in eval mode. Each module's mode and momentum are restored.
+    """
+    norms = [
+        m for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]  # fmt: skip
+    if not norms:
+        return 0
+    modes = {m: m.training for m in model.modules()}
+    saved = [(m, m.momentum, [b.clone() for b in m.buffers(recurse=False)]) for m in norms]
+    used = 0
+    try:
+        model.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+            m.train()
+        with torch.no_grad():
+            for batch in batches:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(x.to(device) if device is not None else x)
+                used += 1
+    finally:
+        for m, momentum, buffers in saved:
+            m.momentum = momentum
+            if not used:
+                for buffer, old in zip(m.buffers(recurse=False), buffers, strict=True):
+                    buffer.copy_(old)
+        for m, training in modes.items():
+            m.train(training)
+    return used
 
 
 @dataclass(frozen=True)

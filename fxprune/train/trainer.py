@@ -24,6 +24,7 @@ Under torchrun (WORLD_SIZE > 1) the model runs in DistributedDataParallel
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import time
 from collections.abc import Callable
@@ -58,7 +59,14 @@ from fxprune.train.ista import (
     suggest_rho,
     unscale,
 )
-from fxprune.train.procedure import ParameterEma, RhoSchedule, choose_alpha, plateaued
+from fxprune.train.procedure import (
+    RECALIBRATION_BATCHES,
+    ParameterEma,
+    RhoSchedule,
+    choose_alpha,
+    plateaued,
+    recalibrate_batchnorm,
+)
 
 MODES = ("ista", "slimming", "sfp", "l1", "none")
 SCHEDULES = ("cosine", "step", "none", "auto")
@@ -76,7 +84,8 @@ class TrainConfig:
     otherwise. `ema` evaluates (and ends with) an EMA of the weights;
     `until_plateau` stops before `epochs` once cross-entropy, sparsity and the
     lasso term are flat (`fxprune.train.procedure.plateaued`). `sparsity` is
-    slimming's final target."""
+    slimming's final target. `recalibrate` train batches re-estimate the BatchNorm
+    statistics after every epoch of a pruning mode (`recalibrate_batchnorm`; 0: off)."""
 
     epochs: int = 10
     batch_size: int = 64
@@ -98,6 +107,7 @@ class TrainConfig:
     l1_rate: float = 0.3
     slimming_lambda: float = 1e-4
     sparsity: float = 0.5
+    recalibrate: int = RECALIBRATION_BATCHES
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -112,6 +122,8 @@ class TrainConfig:
             self.rho = str(RhoSchedule.parse(self.rho)) if isinstance(self.rho, str) else self.rho
         if self.ema is not None and not 0 < self.ema < 1:
             raise UsageError(f"--ema must be in (0, 1), e.g. 0.999; got {self.ema}")
+        if self.recalibrate < 0:
+            raise UsageError(f"--recalibrate-bn must be ≥ 0, got {self.recalibrate}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise UsageError("--epochs and --batch-size must be ≥ 1 and --lr > 0")
         if (self.alpha is not None and not self.alpha > 0) or (
@@ -144,12 +156,14 @@ class TrainResult:
 
 @dataclass
 class DemoRecipe:
-    """The demo: pre-train the ConvNet normally, then ISTA-train it (see `demo_recipe`)."""
+    """The demo: pre-train the ConvNet normally, ISTA-train it, compile, then
+    fine-tune the compact model (see `demo_recipe`)."""
 
     source: str
     data: str
     pretrain: TrainConfig
     ista: TrainConfig
+    finetune: TrainConfig | None = None
 
 
 def demo_recipe() -> DemoRecipe:
@@ -375,13 +389,17 @@ class Trainer:
     def _end_epoch(self, epoch: int, ce: float, train_acc: float, seconds: float) -> None:
         if self.cfg.mode == "sfp":
             self._zero_classes(self._lowest_filters(self.cfg.sfp_rate, p=2), weights=True)
+        self._recalibrate(self.model)
         if self.world > 1:  # every rank keeps the same BN statistics as rank 0
             for buffer in self.model.buffers():
                 dist.broadcast(buffer, 0)
         lr = self.optimizer.param_groups[0]["lr"]
         if self.scheduler is not None:
             self.scheduler.step()
-        test_loss, test_acc = evaluate(self._evaluated(), self.data.test)
+        evaluated = self._evaluated()
+        if evaluated is not self.model:  # the EMA's averaged statistics lag the same way
+            self._recalibrate(evaluated)
+        test_loss, test_acc = evaluate(evaluated, self.data.test)
         rho = getattr(self.optimizer, "rho", 0.0)
         record = self.monitor.record(
             epoch + 1, ce=ce, accuracy=test_acc, train_accuracy=train_acc, test_loss=test_loss,
@@ -406,6 +424,8 @@ class Trainer:
             self.ema.copy_into(self.model, [t.module for t in self.targets])
         if cfg.mode == "slimming":
             self._zero_classes(self._smallest_gammas(cfg.sparsity), weights=False)
+        if self.ema is not None or cfg.mode == "slimming":  # the function changed
+            self._recalibrate(self.model)
         if cfg.mode == "ista" and self.alpha_applied != 1.0:
             unscale(
                 self.model, self.gm, self.analysis, self.alpha_applied, group_ista=cfg.group_ista
@@ -426,6 +446,13 @@ class Trainer:
             self.model, self.monitor.history, test_loss, test_acc, sparsity, self.out, snaps,
             self.refused, unreached if self.out else [], self.epoch,
         )  # fmt: skip
+
+    def _recalibrate(self, model: nn.Module) -> None:
+        """Fresh BN statistics after a pruning mode's epoch (`recalibrate_batchnorm`)."""
+        if self.cfg.mode == "none" or not self.cfg.recalibrate:
+            return
+        batches = itertools.islice(self.loader, self.cfg.recalibrate)
+        recalibrate_batchnorm(model, batches, self.device)
 
     # -- mode hooks ----------------------------------------------------------
     def _auto_rho(self, loss: torch.Tensor) -> None:
