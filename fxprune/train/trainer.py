@@ -167,14 +167,21 @@ class DemoRecipe:
 
 
 def demo_recipe() -> DemoRecipe:
-    """A ConvNet recipe on `synthetic` that reaches ≥ 50 % channel sparsity at ≤ 2 points
-    accuracy loss after compile, in 5 to 14 minutes on 2 CPU cores (measured: 271 s on an
-    idle machine, 824 s on a loaded one)."""
+    """A ConvNet recipe on `synthetic` that reaches about 50 % channel sparsity at ≤ 2
+    points accuracy loss, in 5 to 25 minutes on 2 CPU cores: 4 epochs of plain training,
+    4 of ISTA (ρ = 0.08, no γ–W rescaling, cosine learning rate, BatchNorm statistics
+    re-estimated after each epoch), the exact compile, then 2 epochs of fine-tuning the
+    compact model, as the paper does. Measured from the pre-trained ConvNet (99.5 %):
+    ρ = 0.08 ends at 50 % sparsity, 92.9 % compiled, 99.7 % fine-tuned. ρ sits near a
+    cliff here: ρ = 0.1 zeroes the first layer in epoch 3 and then every channel (the
+    monitor's "sparsity racing to 100 %"); ρ = 0.04 with α = 0.2 for 3 epochs gives
+    59 %, 81 % compiled, 95.5 % fine-tuned."""
     return DemoRecipe(
         source="zoo:convnet",
         data="synthetic",
         pretrain=TrainConfig(epochs=4, lr=0.05, mode="none", schedule="cosine"),
-        ista=TrainConfig(epochs=6, lr=0.02, mode="ista", rho=0.004, alpha=0.2, schedule="cosine"),
+        ista=TrainConfig(epochs=4, lr=0.02, mode="ista", rho=0.08, alpha=1.0, schedule="cosine"),
+        finetune=TrainConfig(epochs=2, lr=0.01, mode="none", schedule="cosine"),
     )
 
 
