@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 import warnings
@@ -35,14 +36,30 @@ from fxprune.testing import randomize_batchnorm, zero_random
 from fxprune.verify import relative_error, run_model
 
 MODELS = ("resnet50", "mobilenet_v3_large", "efficientnet_b0", "googlenet", "resnext50_32x4d",
-          "densenet201")  # fmt: skip
+          "densenet201", "yolov8n")  # fmt: skip
 
 warnings.filterwarnings("ignore")
 
 
+def build(name: str) -> nn.Module:
+    """A zoo (torchvision) model, or Ultralytics' YOLOv8n from its yaml (no download)."""
+    if name.startswith("yolo"):
+        os.environ.setdefault("YOLO_OFFLINE", "1")
+        from ultralytics.nn.tasks import DetectionModel
+
+        return DetectionModel(f"{name}.yaml", verbose=False).eval()
+    return zoo.create_model(name).eval()
+
+
+def input_shape(name: str, size: int) -> tuple[int, ...]:
+    if name.startswith("yolo"):
+        return (1, 3, size, size)
+    return zoo.model_info(name).input_shape[:2] + (size, size)
+
+
 def zeroed_model(name: str, shape: tuple[int, ...]) -> nn.Module:
-    """A torchvision model with random BN statistics and fxprune's zero pattern."""
-    model = zoo.create_model(name).eval()
+    """A model with random BN statistics and fxprune's zero pattern."""
+    model = build(name)
     randomize_batchnorm(model)
     analysed = open_module(loaded_module(model, torch.randn(shape)))
     zero_random(analysed.traced.gm, 0.5, seed=0)
@@ -91,7 +108,7 @@ def latency(model: nn.Module, x: torch.Tensor, repeats: int = 10) -> float:
 
 
 def compare(name: str, repeats: int, size: int) -> list:
-    shape = zoo.model_info(name).input_shape[:2] + (size, size)
+    shape = input_shape(name, size)
     x = torch.randn(shape)
     model = zeroed_model(name, shape)
     expected = run_model(model, x)

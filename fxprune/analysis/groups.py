@@ -35,35 +35,73 @@ RULES = ("conv", "grouped", "depthwise", "bn", "elementwise", "spatial", "struct
 
 
 class UnionFind:
-    """Union-find over integer ids that grows as ids are created."""
+    """Union-find over integer ids that grows as ids are created.
+
+    Unions are recorded as arrays of id pairs and resolved all at once, with
+    numpy, when a root is first asked for (`roots`, `find`): the labeller ties
+    thousands of channels per residual add, and a Python loop per channel was
+    the analysis' hot spot. The root of a class is its smallest id.
+    """
 
     def __init__(self) -> None:
-        self.parent: list[int] = []
+        self.size = 0
+        self._pairs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._roots: np.ndarray | None = np.zeros(0, dtype=np.int64)
 
     def make(self, count: int) -> np.ndarray:
         """Create `count` fresh ids and return them."""
-        start = len(self.parent)
-        self.parent.extend(range(start, start + count))
+        start, self.size = self.size, self.size + count
+        self._roots = None
         return np.arange(start, start + count, dtype=np.int64)
 
-    def find(self, i: int) -> int:
-        parent = self.parent
-        root = i
-        while parent[root] != root:
-            root = parent[root]
-        while parent[i] != root:  # path compression
-            parent[i], i = root, parent[i]
-        return root
-
     def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
+        self.union_arrays(np.array([a]), np.array([b]))
 
     def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
         """Tie the ids of `a` and `b` position by position."""
-        for x, y in zip(a.reshape(-1).tolist(), b.reshape(-1).tolist(), strict=True):
-            self.union(x, y)
+        a, b = np.asarray(a, dtype=np.int64).reshape(-1), np.asarray(b, dtype=np.int64).reshape(-1)
+        if a.shape != b.shape:
+            raise ValueError(f"union of {a.size} ids with {b.size}")
+        self._pairs.append((a, b))
+        self._roots = None
+
+    def roots(self) -> np.ndarray:
+        """The root (smallest id of its class) of every id, as one array."""
+        if self._roots is None or len(self._roots) != self.size:
+            if self._pairs:
+                a = np.concatenate([p[0] for p in self._pairs])
+                b = np.concatenate([p[1] for p in self._pairs])
+            else:
+                a = b = np.zeros(0, dtype=np.int64)
+            self._roots = component_roots(self.size, a, b)
+        return self._roots
+
+    def find(self, i: int) -> int:
+        return int(self.roots()[i])
+
+
+def component_roots(size: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components of the graph on `size` nodes with edges a[k]-b[k]: each
+    node's smallest connected node. Hook every edge's larger root onto the smaller,
+    then jump pointers until every label is a root; repeat until every edge's ends
+    agree. Labels only decrease and stay inside their component, so this ends with
+    the component minimum; in practice after a few rounds."""
+    labels = np.arange(size, dtype=np.int64)
+    while len(a):
+        la, lb = labels[a], labels[b]
+        differ = la != lb
+        if not differ.any():
+            break
+        la, lb = la[differ], lb[differ]
+        low = np.minimum(la, lb)
+        np.minimum.at(labels, la, low)
+        np.minimum.at(labels, lb, low)
+        while True:  # pointer jumping: every label becomes a root
+            jumped = labels[labels]
+            if np.array_equal(jumped, labels):
+                break
+            labels = jumped
+    return labels
 
 
 @dataclass(eq=False)  # identity: positions is an array, == would be ambiguous
@@ -180,24 +218,19 @@ def get_analysis(gm: fx.GraphModule) -> ChannelAnalysis:
 
 
 def _build_groups(gm: fx.GraphModule, labeller) -> ChannelAnalysis:
-    uf: UnionFind = labeller.uf
-    roots = np.fromiter((uf.find(i) for i in range(len(uf.parent))), dtype=np.int64)
+    roots = labeller.uf.roots()
     _, class_of = np.unique(roots, return_inverse=True)
-    num_classes = int(class_of.max()) + 1 if len(class_of) else 0
+    class_of = class_of.reshape(-1).astype(np.int64)
     frozen: dict[int, str] = {}
     for raw, reason in labeller.frozen.items():
         frozen.setdefault(int(class_of[raw]), reason)
-    # Groups: classes whose ids were created by connected origin blocks.
-    blocks = UnionFind()
-    blocks.make(labeller.num_blocks)
-    first_block = np.full(num_classes, -1, dtype=np.int64)
-    for raw, cls in enumerate(class_of.tolist()):
-        block = int(labeller.block_of[raw])
-        if first_block[cls] < 0:
-            first_block[cls] = block
-        else:
-            blocks.union(int(first_block[cls]), block)
-    group_root = np.array([blocks.find(int(b)) for b in first_block], dtype=np.int64)
+    # Groups: classes whose ids were created by connected origin blocks. Tie the
+    # block of every id to the block of its class's first id.
+    block_of = labeller.block_array()
+    _, first_raw = np.unique(class_of, return_index=True)
+    first_block = block_of[first_raw]
+    block_roots = component_roots(labeller.num_blocks, first_block[class_of], block_of)
+    group_root = block_roots[first_block]
     groups, group_of_class = _collect_groups(gm, labeller, class_of, group_root, frozen)
     return ChannelAnalysis(class_of, frozen, groups, group_of_class)
 
@@ -239,5 +272,6 @@ __all__ = [
     "Site",
     "UnionFind",
     "analyse",
+    "component_roots",
     "get_analysis",
 ]

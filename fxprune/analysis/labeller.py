@@ -36,7 +36,7 @@ class ChannelLabeller:
         self.gm = gm
         self.modules = dict(gm.named_modules())
         self.uf = UnionFind()
-        self.block_of: list[int] = []  # raw id -> the block (node output) that created it
+        self.block_sizes: list[int] = []  # per block (node output): how many ids it created
         self.num_blocks = 0
         self.frozen: dict[int, str] = {}  # raw id -> reason
         self.sites: list[tuple[str, str, str, str, np.ndarray]] = []
@@ -48,9 +48,13 @@ class ChannelLabeller:
     # -- bookkeeping -------------------------------------------------------
     def fresh(self, shape: tuple[int, ...]) -> np.ndarray:
         ids = self.uf.make(math.prod(shape)).reshape(shape)
-        self.block_of.extend([self.num_blocks] * ids.size)
+        self.block_sizes.append(ids.size)
         self.num_blocks += 1
         return ids
+
+    def block_array(self) -> np.ndarray:
+        """raw id -> the block (node output) that created it."""
+        return np.repeat(np.arange(self.num_blocks, dtype=np.int64), self.block_sizes)
 
     def freeze(self, ids, reason: str) -> None:
         for arr in _arrays(ids):

@@ -125,8 +125,11 @@ def nonzero_taps(module: nn.Module) -> np.ndarray:
     cached = _TAPS.get(module)
     if cached is not None and cached[0] == key:
         return cached[1]
-    w = module.weight.detach()
-    taps = (w.reshape(w.shape[0], w.shape[1], -1) != 0).any(-1).cpu().numpy()
+    w = module.weight.detach().cpu()
+    if w.dim() == 2 or w[0, 0].numel() == 1:  # Linear or 1x1 kernel: one tap per pair
+        taps = w.reshape(w.shape[0], w.shape[1]).numpy() != 0
+    else:
+        taps = (w.reshape(w.shape[0], w.shape[1], -1) != 0).any(-1).numpy()
     _TAPS[module] = (key, taps)
     return taps
 
@@ -176,9 +179,11 @@ def aligned_operands(node: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
     return aligned, other
 
 
-def _input_state(node: fx.Node, state: dict, default) -> dict[int, bool]:
-    """raw id -> state, over all channel inputs of a structural node."""
-    table: dict[int, bool] = {}
+def _input_state(node: fx.Node, state: dict) -> np.ndarray:
+    """Indexed by raw id: True where every channel input position holding that id is
+    True in `state` (False for ids no input holds), over all channel inputs of a
+    structural node."""
+    ids_seen, flags_seen = [], []
     for inp in node.all_input_nodes:
         ids, vals = inp.meta.get("channels"), state.get(inp)
         if ids is None or vals is None:
@@ -186,9 +191,24 @@ def _input_state(node: fx.Node, state: dict, default) -> dict[int, bool]:
         pairs = zip(ids, vals, strict=True) if isinstance(ids, list) else [(ids, vals)]
         for i, v in pairs:
             if i is not None:
-                for raw, flag in zip(flat(i).tolist(), v.tolist(), strict=True):
-                    table[raw] = table.get(raw, default) and flag if default else flag
+                ids_seen.append(flat(i))
+                flags_seen.append(np.asarray(v, bool).reshape(-1))
+    if not ids_seen:
+        return np.zeros(0, bool)
+    raw, flags = np.concatenate(ids_seen), np.concatenate(flags_seen)
+    table = np.zeros(int(raw.max()) + 1, bool)
+    table[raw] = True
+    np.logical_and.at(table, raw, flags)
     return table
+
+
+def _lookup(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """table[ids], False for ids beyond the table."""
+    ids = flat(ids)
+    inside = ids < len(table)
+    out = np.zeros(ids.size, bool)
+    out[inside] = table[ids[inside]]
+    return out
 
 
 def _structural_input(node: fx.Node) -> fx.Node | None:
@@ -209,11 +229,8 @@ def _forward_const(gm, modules) -> dict:
     for node in channel_nodes(gm):
         ids, rule = node.meta["channels"], node.meta["channel_rule"]
         if isinstance(ids, list):
-            table = _input_state(node, const, default=True)
-            const[node] = [
-                np.array([table.get(r, False) for r in flat(i)], bool) if i is not None else None
-                for i in ids
-            ]
+            table = _input_state(node, const)
+            const[node] = [_lookup(table, i) if i is not None else None for i in ids]
             continue
         n = flat(ids).size
         x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
@@ -245,8 +262,7 @@ def _forward_const(gm, modules) -> dict:
                 result &= const[inp]
             const[node] = result
         elif rule == "structural":
-            table = _input_state(node, const, default=True)
-            const[node] = np.array([table.get(r, False) for r in flat(ids).tolist()])
+            const[node] = _lookup(_input_state(node, const), ids)
         else:  # spatial, frozen, source
             const[node] = np.zeros(n, bool)
     return const

@@ -96,6 +96,7 @@ class Rewriter:
         self.constant_branches: list[tuple[str, str]] = []  # decisions, for the plan
         self.absorbed: dict[str, str] = {}
         self.keep: dict[fx.Node, object] = {}
+        self._taken: set[str] | None = None  # attribute names in use (see _free_name)
         for node in channel_nodes(gm):
             ids = node.meta["channels"]
             if isinstance(ids, list):
@@ -168,11 +169,14 @@ class Rewriter:
     def _free_name(self, name: str) -> str:
         """`name`, or `name_1`, `name_2`...: a compiled model compiled again keeps
         the attributes its first compile added."""
-        taken = {n for n, _ in self.gm.named_children()} | set(dict(self.gm.named_buffers()))
+        if self._taken is None:
+            self._taken = {n for n, _ in self.gm.named_children()}
+            self._taken |= set(dict(self.gm.named_buffers()))
         candidate, number = name, 0
-        while candidate in taken or hasattr(self.gm, candidate):
+        while candidate in self._taken or hasattr(self.gm, candidate):
             number += 1
             candidate = f"{name}_{number}"
+        self._taken.add(candidate)  # the caller registers it next
         return candidate
 
     def _constant_branch(self, node: fx.Node) -> fx.Node | None:
@@ -211,22 +215,26 @@ class Rewriter:
 
     def _slice_out(self, new: nn.Module, old: nn.Module, keep: np.ndarray) -> None:
         idx = torch.as_tensor(np.nonzero(keep)[0])
-        new.weight = _param(old.weight.detach()[idx], old.weight)
+        new.weight = _param(old.weight.detach().index_select(0, idx), old.weight)
         if old.bias is not None:
-            new.bias = _param(old.bias.detach()[idx], old.bias)
+            new.bias = _param(old.bias.detach().index_select(0, idx), old.bias)
         attr = "out_features" if isinstance(old, nn.Linear) else "out_channels"
         setattr(new, attr, len(idx))
 
     def _slice_in(self, new: nn.Module, old: nn.Module, in_keep: np.ndarray, out_keep) -> None:
         groups = getattr(old, "groups", 1)
         w = new.weight.detach()
-        chunks = in_keep.reshape(groups, -1)
-        rows_per = w.shape[0] // groups  # rows already sliced: balanced per group
-        parts = [
-            w[g * rows_per : (g + 1) * rows_per][:, torch.as_tensor(np.nonzero(chunks[g])[0])]
-            for g in range(groups)
-        ]
-        new.weight = _param(torch.cat(parts), old.weight)
+        if groups == 1:
+            sliced = w.index_select(1, torch.as_tensor(np.nonzero(in_keep)[0]))
+        else:
+            chunks = in_keep.reshape(groups, -1)
+            rows_per = w.shape[0] // groups  # rows already sliced: balanced per group
+            parts = [
+                w[g * rows_per : (g + 1) * rows_per][:, torch.as_tensor(np.nonzero(chunks[g])[0])]
+                for g in range(groups)
+            ]
+            sliced = torch.cat(parts)
+        new.weight = _param(sliced, old.weight)
         attr = "in_features" if isinstance(old, nn.Linear) else "in_channels"
         setattr(new, attr, int(in_keep.sum()))
 
@@ -244,8 +252,10 @@ class Rewriter:
         values = np.where(take, self.live.values[x], 0.0)
         if getattr(module, "groups", 1) == 1:  # only the removed columns, in float64
             cols = torch.as_tensor(np.nonzero(take)[0])
-            weight = module.weight.detach()[:, cols].double()  # (out, taken, *kernel)
-            delta = torch.einsum("oi...,i->o...", weight, torch.from_numpy(values[take.nonzero()]))
+            weight = module.weight.detach().index_select(1, cols)  # (out, taken, *kernel)
+            kernel = weight.shape[2:]
+            columns = weight.transpose(0, 1).reshape(len(cols), -1).double()  # (taken, out·k)
+            delta = (torch.from_numpy(values[take]) @ columns).reshape(-1, *kernel)
             return delta if bool(delta.any()) else None
         weight = module.weight.detach().double()  # (out, in/groups, *kernel)
         per_row = torch.from_numpy(per_row_inputs(module, values))  # (out, in/groups)

@@ -193,8 +193,9 @@ def functional_layers_to_modules(gm: fx.GraphModule) -> list[str]:
             if not attr.users:
                 gm.graph.erase_node(attr)
         notes.append(f"{owner}: functional {found[0]} read as {type(module).__name__}")
-    gm.graph.lint()
-    gm.recompile()
+    if notes:  # an unchanged graph keeps its code (recompiling costs as much as tracing)
+        gm.graph.lint()
+        gm.recompile()
     return notes
 
 
@@ -219,10 +220,10 @@ def fold_zero_padding(gm: fx.GraphModule) -> list[str]:
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    notes = []
+    notes, changed = [], False
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(modules[node.target], _PAD_MODULES):
-            pad = modules[node.target]
+            pad, changed = modules[node.target], True
             node.op, node.target = "call_function", F.pad
             node.args, node.kwargs = (node.args[0], list(pad.padding), "constant", pad.value), {}
         widths = _zero_pad(node)
@@ -239,8 +240,9 @@ def fold_zero_padding(gm: fx.GraphModule) -> list[str]:
         conv_node.replace_input_with(node, node.args[0])
         gm.graph.erase_node(node)
         notes.append(f"{conv_node.target}: explicit zero padding read as the conv's own")
-    gm.graph.lint()
-    gm.recompile()
+    if notes or changed:
+        gm.graph.lint()
+        gm.recompile()
     return notes
 
 

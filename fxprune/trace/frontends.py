@@ -19,7 +19,7 @@ from fxprune.trace.canonical import fold_zero_padding, functional_layers_to_modu
 from fxprune.trace.exported import export_graph
 from fxprune.trace.shapes import propagate_shapes
 from fxprune.trace.symbolic import (
-    CANNOT_TRACE,
+    LeafNeeded,
     Traced,
     bound_to_input,
     resolve_submodule,
@@ -52,20 +52,10 @@ def trace_model(
     target = resolve_submodule(module, submodule) if submodule else module
     target = (copy.deepcopy(target) if copy_module else target).eval()
     leaves: dict[str, str] = {}
-    gm, used, fx_error = None, "fx", None
-    if frontend != "export":
-        try:
-            gm = symbolic_trace(bound_to_input(target), leaves)
-        except TraceError as exc:
-            if frontend == "fx":
-                raise
-            fx_error = exc
-        finally:
-            unbind(target)
-    if gm is None or (frontend == "auto" and _auto_leaves(leaves)):
-        exported = _export(target, example, fx_error, required=gm is None)
-        if exported is not None:
-            gm, used, leaves = exported, "export", {}
+    if frontend == "export":
+        gm, used = _export(target, example, None, required=True), "export"
+    else:
+        gm, used, leaves = _trace_fx(target, example, leaves, auto=frontend == "auto")
     propagate_shapes(gm, example)
     notes = functional_layers_to_modules(gm) + fold_zero_padding(gm)
     kept = sorted({str(n.target) for n in gm.graph.nodes if isinstance(n.target, OpOverload)})
@@ -76,8 +66,31 @@ def trace_model(
                   frontend=used, notes=notes)  # fmt: skip
 
 
-def _auto_leaves(leaves: dict[str, str]) -> bool:
-    return any(reason.startswith(CANNOT_TRACE) for reason in leaves.values())
+def _trace_fx(target: nn.Module, example: torch.Tensor, leaves: dict[str, str], auto: bool):
+    """(gm, front end used, leaves). With `auto`, export is tried as soon as fx
+    meets the first submodule it cannot trace (a graph with such a leaf, or no
+    graph, would go to export anyway), so fx does not re-trace the model once
+    per untraceable submodule only to be replaced."""
+    try:
+        return symbolic_trace(bound_to_input(target), leaves, stop_at_leaf=auto), "fx", leaves
+    except LeafNeeded:
+        pass
+    except TraceError as fx_error:
+        if not auto:
+            raise
+        return _export(target, example, fx_error, required=True), "export", {}
+    finally:
+        unbind(target)
+    try:
+        return export_graph(target, example), "export", {}
+    except TraceError as exc:
+        export_error = exc
+    try:  # export failed too: fx's graph with the untraceable parts as leaves
+        return symbolic_trace(bound_to_input(target), leaves), "fx", leaves
+    except TraceError as fx_error:
+        raise TraceError(f"{fx_error}; {export_error}") from fx_error
+    finally:
+        unbind(target)
 
 
 def _export(target: nn.Module, example: torch.Tensor, fx_error, required: bool):

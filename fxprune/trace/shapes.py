@@ -50,13 +50,15 @@ def _keeps_shape(module: nn.Module, args: tuple, kwargs: dict) -> bool:
 class _ValueShapeProp(fx.Interpreter):
     """ShapeProp that also records non-tensor results (sizes, ints) in meta["value"].
 
-    With `on_meta`, modules and attributes come from a copy of the model on the
-    meta device, so shapes are found without computing anything.
+    With `on_meta`, modules and attributes come from copies on the meta device,
+    made for the modules the graph calls when it first calls them, so shapes are
+    found without computing anything.
     """
 
     def __init__(self, gm: fx.GraphModule, on_meta: bool) -> None:
         super().__init__(gm)
-        self.meta_root = _meta_copy(gm) if on_meta else None
+        self.on_meta = on_meta
+        self.meta_modules: dict[str, nn.Module] = {}
 
     def propagate(self, *args):
         return self.run(*args)
@@ -84,16 +86,18 @@ class _ValueShapeProp(fx.Interpreter):
         return result
 
     def call_module(self, target, args, kwargs):
-        if self.meta_root is None:
+        if not self.on_meta:
             return super().call_module(target, args, kwargs)
-        module = self.meta_root.get_submodule(target)
+        module = self.module.get_submodule(target)
         if _keeps_shape(module, args, kwargs):
             return torch.empty_like(args[0])  # shape, dtype and layout are the input's
-        return module(*args, **kwargs)
+        if target not in self.meta_modules:
+            self.meta_modules[target] = meta_copy(module)
+        return self.meta_modules[target](*args, **kwargs)
 
     def get_attr(self, target, args, kwargs):
         value = self.fetch_attr_from(self.module, target)
-        if self.meta_root is not None and isinstance(value, torch.Tensor):
+        if self.on_meta and isinstance(value, torch.Tensor):
             return value.detach().to("meta")
         return value
 
@@ -117,18 +121,29 @@ def mutable_copy(value):
     return value
 
 
-def _meta_copy(gm: fx.GraphModule) -> nn.Module:
-    """A deep copy of the submodules of `gm` (not its graph or code) whose
-    parameters and buffers live on the meta device."""
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose parameters and buffers live on the meta device. A
+    module without children is copied shallowly (its tables replaced, nothing
+    else copied); one with children is deep-copied."""
+    if not module._modules:
+        new = copy.copy(module)
+        new._parameters = {name: _meta_tensor(p) for name, p in module._parameters.items()}
+        new._buffers = {name: _meta_tensor(b) for name, b in module._buffers.items()}
+        return new
     memo: dict[int, object] = {}
-    for p in gm.parameters():
-        memo[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
-    for b in gm.buffers():
-        memo[id(b)] = b.detach().to("meta")
-    root = nn.Module()
-    for name, child in gm.named_children():
-        setattr(root, name, copy.deepcopy(child, memo))
-    return root
+    for p in module.parameters():
+        memo[id(p)] = _meta_tensor(p)
+    for b in module.buffers():
+        memo[id(b)] = _meta_tensor(b)
+    return copy.deepcopy(module, memo)
+
+
+def _meta_tensor(t: torch.Tensor | None):
+    if t is None:
+        return None
+    if isinstance(t, nn.Parameter):
+        return nn.Parameter(t.detach().to("meta"), requires_grad=t.requires_grad)
+    return t.detach().to("meta")
 
 
 def _is_plain_value(value) -> bool:

@@ -83,12 +83,21 @@ def _plain_subclass(m: nn.Module) -> bool:
     return False
 
 
-def symbolic_trace(module: nn.Module, leaves: dict[str, str] | None = None) -> fx.GraphModule:
+class LeafNeeded(Exception):
+    """fx cannot trace inside a submodule (already recorded as a leaf): raised by
+    `symbolic_trace(..., stop_at_leaf=True)` so the caller can try torch.export
+    before tracing again around each such submodule."""
+
+
+def symbolic_trace(
+    module: nn.Module, leaves: dict[str, str] | None = None, *, stop_at_leaf: bool = False
+) -> fx.GraphModule:
     """Trace `module`, turning submodules fx cannot trace into recorded leaves.
 
     When a submodule fails, it becomes a leaf (reason: fx's first error line)
-    and tracing restarts; when the root's own forward fails, a TraceError
-    names it and suggests `--submodule`. `leaves` is filled in place.
+    and tracing restarts (or, with `stop_at_leaf`, LeafNeeded is raised); when
+    the root's own forward fails, a TraceError names it and suggests
+    `--submodule`. `leaves` is filled in place.
     """
     leaves = {} if leaves is None else leaves
     for _ in range(_MAX_AUTO_LEAVES):
@@ -104,6 +113,8 @@ def symbolic_trace(module: nn.Module, leaves: dict[str, str] | None = None) -> f
                     "trace a part of it with --submodule PATH (e.g. --submodule backbone)"
                 ) from exc
             leaves[culprit] = f"{CANNOT_TRACE}: {first_line(exc).split('. ')[0]}"
+            if stop_at_leaf:
+                raise LeafNeeded(culprit) from exc
             continue
         name = type(module).__name__
         return fx.GraphModule(tracer.root, graph, name)
@@ -157,6 +168,7 @@ def unbind(module: nn.Module) -> None:
 
 __all__ = [
     "CANNOT_TRACE",
+    "LeafNeeded",
     "LeafPolicyTracer",
     "Traced",
     "bound_to_input",
