@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ista_overhead.py
 	$(BIN)/python benchmarks/paper_digits.py --jobs 2
 	$(BIN)/python benchmarks/vs_torch_pruning.py
+	$(BIN)/python benchmarks/cli_wall.py
 	# fxprune and Torch-Pruning on torchvision, timm, Ultralytics and transformers (~1.5 h)
 	$(BIN)/python benchmarks/coverage.py --markdown docs/coverage.md
 

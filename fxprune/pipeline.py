@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.fx as fx
 from torch import nn
 
 import fxprune
-from fxprune.analysis import ChannelAnalysis, analyse
+from fxprune.analysis import ChannelAnalysis, analyse, get_analysis
 from fxprune.compile import (
     DEFAULT_MIN_KEEP,
     CompileOptions,
@@ -53,7 +54,15 @@ from fxprune.files import check_target
 from fxprune.load import Loaded, checkpoint_dict, load_source, save_checkpoint
 from fxprune.report import ModelCounts, count_model, layer_table
 from fxprune.trace import Traced, trace_model
-from fxprune.verify import TOLERANCE, check_tolerance, relative_error, run_model, verify_equal
+from fxprune.verify import (
+    TOLERANCE,
+    check_tolerance,
+    compare_outputs,
+    eval_mode,
+    relative_error,
+    run_model,
+    verification_inputs,
+)
 
 EXPORT_FORMATS = ("torchscript", "pt2", "onnx")
 Progress = Callable[[str], None]
@@ -124,12 +133,16 @@ def loaded_module(module: nn.Module, example: torch.Tensor, source: str = "<modu
 class Compiled:
     """What `compile_analysed` did: the compact model, how many channels were zeroed
     first, how far zeroing moved the output (None if nothing was zeroed) and the
-    verified max relative error of the compact model against the zeroed original."""
+    verified max relative error of the compact model against the zeroed original.
+    `inputs` are the verification inputs (the example first) and `outputs` the
+    compact model's outputs on them, for later checks that need no forward pass."""
 
     result: CompileResult
     zeroed: int
     drift: float | None
     max_error: float
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    outputs: list = field(default_factory=list)
 
 
 def zero_channels(
@@ -162,25 +175,74 @@ def compile_analysed(
     """zero → compile → verify. With exact absorption a compact model that differs
     from the (zeroed) original by more than TOLERANCE raises VerificationError; one
     whose output no longer depends on its input raises ConstantOutputError (a
-    VerificationError) unless `allow_constant`."""
+    VerificationError) unless `allow_constant`.
+
+    Each forward pass serves every check that needs it: the zeroed original's output
+    on the example is the drift's and the verification's; the compact model's outputs
+    on the first two verification inputs are the input-dependence check's. The
+    unzeroed original runs on a second input only when a compact output is constant
+    (from copies of the BatchNorm tensors zeroing writes, so the model is not copied).
+    """
     options = options or CompileOptions()
-    traced = analysed.traced
-    reference = run_model(traced.gm, traced.example)
-    probe = probe_input(traced.example, seed)
-    moved = dependence(reference, run_model(traced.gm, probe))
+    gm, example = analysed.traced.gm, analysed.traced.example
+    zeroing = threshold is not None or sparsity is not None
+    reference = run_model(gm, example) if zeroing else None
+    unzeroed = _zeroable_state(gm) if zeroing else {}
     zeroed = zero_channels(analysed, threshold=threshold, sparsity=sparsity, min_keep=min_keep)
-    after = run_model(traced.gm, traced.example) if zeroed else None
-    drift = relative_error(reference, after) if zeroed else None
-    result = compile_model(traced, options)
-    max_error = verify_equal(traced.gm, result.gm, traced.example, verify, seed)
-    if options.absorb == "exact" and not max_error <= TOLERANCE:
+    result = compile_model(analysed.traced, options)
+    inputs = verification_inputs(example, verify, seed)
+    checked = compare_outputs(gm, result.gm, inputs)
+    drift = None
+    if zeroed:
+        drift = relative_error(reference, checked.expected[0] if inputs else run_model(gm, example))
+    if options.absorb == "exact" and not checked.error <= TOLERANCE:
         raise VerificationError(
-            f"compiled model differs from the original by {max_error:.2e} (> {TOLERANCE:g}); "
+            f"compiled model differs from the original by {checked.error:.2e} (> {TOLERANCE:g}); "
             "nothing was written — please report this model to the fxprune issue tracker"
         )
     if not allow_constant:
-        check_input_dependence(moved, result.gm, traced.gm, (traced.example, probe))
-    return Compiled(result, zeroed, drift, max_error)
+        pair = (example, inputs[1] if len(inputs) > 1 else probe_input(example, seed))
+        known = (checked.actual[0], checked.actual[1]) if len(inputs) > 1 else None
+
+        def before() -> list[float]:  # the unzeroed original's dependence on its input
+            if not zeroed:
+                outs = checked.expected[:2] if known else [run_model(gm, x) for x in pair]
+                return dependence(*outs)
+            return dependence(reference, _run_with(gm, unzeroed, pair[1]))
+
+        check_input_dependence(before, result.gm, gm, pair, known)
+    return Compiled(result, zeroed, drift, checked.error, inputs, checked.actual)
+
+
+def _zeroable_state(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Copies of the tensors zeroing may write (weight and bias of every BatchNorm
+    site, by qualified name), with every parameter's version, so `_run_with` can run
+    the unzeroed model later."""
+    sites = {s.module for g in get_analysis(gm).groups for s in g.bn_sites}
+    state = {
+        name: p.detach().clone()
+        for name, p in gm.named_parameters()
+        if name.rpartition(".")[0] in sites
+    }
+    state[_VERSIONS] = {name: p._version for name, p in gm.named_parameters()}
+    return state
+
+
+_VERSIONS = "__versions__"
+
+
+def _run_with(gm: fx.GraphModule, state: dict, x: torch.Tensor):
+    """`gm`'s output on `x` with the tensors of `state` (from `_zeroable_state`) in
+    place of its own; refuses if zeroing wrote a tensor that `state` did not copy."""
+    versions, saved = state[_VERSIONS], {k: v for k, v in state.items() if k != _VERSIONS}
+    changed = {n for n, p in gm.named_parameters() if p._version != versions.get(n, -1)}
+    if not changed <= saved.keys():
+        raise VerificationError(
+            f"internal error: zeroing wrote {sorted(changed - saved.keys())[:3]}, which the "
+            "input-dependence check did not save; nothing was written"
+        )
+    with eval_mode(gm), torch.no_grad():
+        return torch.func.functional_call(gm, saved, (x,))
 
 
 def artifact_metadata(
@@ -317,6 +379,11 @@ class CompileOutcome:
     artifact_warnings: list[str] = field(default_factory=list)
     fused_batchnorms: int = 0
     written: list[Path] = field(default_factory=list)
+    # the compile's verification inputs (example first), the compact model's outputs on
+    # them and the deployed (folded) model's: reused by later checks, never re-run
+    verified_inputs: list = field(default_factory=list, repr=False)
+    verified_outputs: list = field(default_factory=list, repr=False)
+    deploy_outputs: list = field(default_factory=list, repr=False)
 
     def table(self, fmt: str = "text") -> str:
         return layer_table(self.before, self.after, fmt=fmt)
@@ -389,12 +456,14 @@ def _compile_and_write(
         min_keep=config.min_keep,
         allow_constant=config.allow_constant,
     )
-    say("counting FLOPs and parameters (fvcore)")
+    say("counting FLOPs and parameters (fvcore's formulas, from the traced shapes)")
     traced, result = analysed.traced, compiled.result
-    before, after = count_model(traced.gm, traced.example), count_model(result.gm, traced.example)
+    before = count_model(traced.gm, traced.example, from_shapes=True)
+    after = count_model(result.gm, traced.example, from_shapes=True)
     outcome = CompileOutcome(
         loaded, traced, analysed.analysis, result, compiled.zeroed, compiled.drift,
-        compiled.max_error, before, after,
+        compiled.max_error, before, after, verified_inputs=compiled.inputs,
+        verified_outputs=compiled.outputs,
     )  # fmt: skip
     _write_outputs(outcome, config, protect, say, verifier)
     return outcome
@@ -488,11 +557,18 @@ def emitted_weights_path(py: Path) -> Path:
 
 def deployment_model(gm: nn.Module, example: torch.Tensor, outcome: CompileOutcome) -> nn.Module:
     """The compact model with BatchNorms folded into convs (`compile.fusions`),
-    verified against the unfused compact model; notes land in the outcome."""
+    verified against the unfused compact model on the compile's verification inputs
+    (at least three; the compact model's outputs on them are reused); notes land in
+    the outcome, and the folded model's outputs in `outcome.deploy_outputs`."""
     fused, notes = fuse_for_deployment(gm)
-    check_tolerance(verify_equal(gm, fused, example), "the BN-folded model")
+    inputs, known = outcome.verified_inputs, outcome.verified_outputs
+    if len(inputs) < 3 or len(known) != len(inputs):
+        inputs, known = verification_inputs(example), None
+    checked = compare_outputs(gm, fused, inputs, expected=known)
+    check_tolerance(checked.error, "the BN-folded model")
     outcome.result.notes += notes
     outcome.fused_batchnorms = len(notes)
+    outcome.deploy_outputs = checked.actual
     return fused
 
 
@@ -515,6 +591,7 @@ def _write_staged(
 
     gm, example = outcome.result.gm, outcome.traced.example
     deploy = deployment_model(gm, example, outcome) if config.fuse else gm
+    outputs = outcome.deploy_outputs if config.fuse else outcome.verified_outputs
     say(f"writing {config.out} (TorchScript, verified in a separate process)")
     exported = export_torchscript(
         deploy, example, config.out,
@@ -522,6 +599,7 @@ def _write_staged(
                                    absorb=config.absorb, fused=config.fuse,
                                    frontend=outcome.traced.frontend),
         force=config.force, protect=protect, verifier=verifier,
+        expected=outputs[0] if outputs else None,
     )  # fmt: skip
     outcome.artifact_warnings += exported.warnings
     outcome.written.append(exported.path)

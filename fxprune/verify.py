@@ -10,7 +10,8 @@ model can never pass as exact.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -90,6 +91,50 @@ def run_model(module: nn.Module, x: torch.Tensor) -> Any:
         return module(x)
 
 
+def verification_inputs(example: torch.Tensor, count: int = 3, seed: int = 0) -> list[torch.Tensor]:
+    """`example` and `count - 1` random inputs of its shape (the inputs every gate uses)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    inputs = [example] + [torch.randn(example.shape, generator=gen) for _ in range(count - 1)]
+    return inputs[:count]
+
+
+@dataclass
+class Comparison:
+    """`compare_outputs`' result: the worst relative error and both models' outputs, per
+    input (so later checks on the same inputs need no forward pass of their own)."""
+
+    error: float
+    expected: list[Any]
+    actual: list[Any]
+
+
+def compare_outputs(
+    original: nn.Module,
+    compiled: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    expected: Sequence[Any] | None = None,
+) -> Comparison:
+    """Max relative output error of `compiled` against `original` over `inputs`.
+    `expected`: the outputs of `original` on `inputs`, when they are already known.
+
+    A compiled model that fails to run is a VerificationError (one line), not a crash.
+    """
+    worst, wanted, got = 0.0, [], []
+    for i, x in enumerate(inputs):
+        want = expected[i] if expected is not None else run_model(original, x)
+        try:
+            actual = run_model(compiled, x)
+        except (
+            Exception
+        ) as exc:  # the compiled graph is ours: any failure is a verification failure
+            raise VerificationError(f"the compiled model fails to run: {describe(exc)}") from exc
+        error = relative_error(want, actual)
+        worst = error if not error <= worst else worst  # a NaN can never hide behind max()
+        wanted.append(want)
+        got.append(actual)
+    return Comparison(worst, wanted, got)
+
+
 def verify_equal(
     original: nn.Module, compiled: nn.Module, example: torch.Tensor, count: int = 3, seed: int = 0
 ) -> float:
@@ -97,28 +142,18 @@ def verify_equal(
 
     A compiled model that fails to run is a VerificationError (one line), not a crash.
     """
-    gen = torch.Generator().manual_seed(seed + 1)
-    inputs = [example] + [torch.randn(example.shape, generator=gen) for _ in range(count - 1)]
-    worst = 0.0
-    for x in inputs[:count]:
-        expected = run_model(original, x)
-        try:
-            actual = run_model(compiled, x)
-        except (
-            Exception
-        ) as exc:  # the compiled graph is ours: any failure is a verification failure
-            raise VerificationError(f"the compiled model fails to run: {describe(exc)}") from exc
-        error = relative_error(expected, actual)
-        worst = error if not error <= worst else worst  # a NaN can never hide behind max()
-    return worst
+    return compare_outputs(original, compiled, verification_inputs(example, count, seed)).error
 
 
 __all__ = [
     "TOLERANCE",
+    "Comparison",
     "check_tolerance",
+    "compare_outputs",
     "eval_mode",
     "flatten_outputs",
     "relative_error",
     "run_model",
+    "verification_inputs",
     "verify_equal",
 ]

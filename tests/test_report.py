@@ -109,6 +109,42 @@ def test_layers_are_listed_in_call_order() -> None:
     assert counts.layers["unused"].flops == 0
 
 
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0"])
+def test_counts_from_shapes_equal_fvcore_before_and_after_compile(name: str) -> None:
+    """The compile command counts from the traced shapes (no forward pass): the same
+    totals, per-layer FLOPs, parameters and order as fvcore, on the original and on
+    the compiled model (sliced layers, border terms)."""
+    from fxprune.compile import compile_model
+    from fxprune.pipeline import loaded_module, open_module
+    from fxprune.testing import randomize_batchnorm, zero_random
+    from fxprune.zoo import create_model
+
+    model = create_model(name).eval()
+    randomize_batchnorm(model)
+    example = torch.randn(1, 3, 64, 64)
+    analysed = open_module(loaded_module(model, example))
+    zero_random(analysed.traced.gm, 0.5, seed=0)
+    compiled = compile_model(analysed.traced).gm
+    borders = [n for n, _ in compiled.named_children() if n.endswith("_border")]
+    assert borders or name != "resnet18"  # resnet18 covers the border terms' count
+    for gm in (analysed.traced.gm, compiled):
+        fast, slow = count_model(gm, example, from_shapes=True), count_model(gm, example)
+        assert (fast.flops, fast.params) == (slow.flops, slow.params)
+        assert fast.layers == slow.layers and list(fast.layers) == list(slow.layers)
+
+
+def test_counts_from_shapes_fall_back_to_fvcore_on_unknown_ops() -> None:
+    class Attention(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.matmul(x, x.transpose(-1, -2))  # fvcore counts matmul
+
+    gm = torch.fx.symbolic_trace(Attention())
+    example = torch.randn(1, 4, 8, 8)
+    fast = count_model(gm, example, from_shapes=True)
+    assert fast.flops == count_model(gm, example).flops == 4 * 8 * 8 * 8
+    assert fast.unsupported_ops == count_model(gm, example).unsupported_ops  # fvcore ran
+
+
 # --------------------------------------------------------------------------- tables
 
 

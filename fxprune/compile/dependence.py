@@ -15,7 +15,7 @@ and its channel group.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -49,17 +49,23 @@ def dependence(outputs_a: Any, outputs_b: Any) -> list[float]:
 
 
 def check_input_dependence(
-    original: Sequence[float],
+    original: Sequence[float] | Callable[[], Sequence[float]],
     compiled: nn.Module,
     zeroed: fx.GraphModule,
     inputs: tuple[torch.Tensor, torch.Tensor],
+    outputs: tuple[Any, Any] | None = None,
 ) -> None:
     """Raise ConstantOutputError if an output that depended on the input (`original`,
     from `dependence` on the unzeroed model) is constant in `compiled`, or if every
     output of `compiled` is. `zeroed` is the analysed, zeroed graph the compiler
-    read: it is searched for the culprit."""
-    now = dependence(*(run_model(compiled, x) for x in inputs))
+    read: it is searched for the culprit. `original` may be a function that
+    computes it: it is called only when some output of `compiled` is constant.
+    `outputs`: `compiled`'s outputs on `inputs`, when they are already known."""
+    now = dependence(*(outputs or [run_model(compiled, x) for x in inputs]))
     constant = [not after > CONSTANT_TOLERANCE for after in now]
+    if not any(constant):
+        return
+    original = original() if callable(original) else original
     lost = [
         i
         for i, before in enumerate(original)

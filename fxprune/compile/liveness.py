@@ -81,15 +81,14 @@ def probe_values(gm: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, obj
     Only the values of constant channels are ever read, and a constant channel
     has the same value at every resolution (the rules never call a channel
     constant when its value depends on the size: sums, padded ops and
-    interpolation with borders stay live). So the probe first runs at a quarter
-    of the example's spatial size, and at the full size when the graph does not
-    accept the smaller input (a flatten → Linear, a fixed-size view).
+    interpolation with borders stay live). So the probe first runs at an eighth,
+    then a quarter of the example's spatial size, and at the full size when the
+    graph accepts neither smaller input (a flatten → Linear, a fixed-size view).
     """
-    small = _smaller(example)
-    if small is not None:
+    for small in _smaller(example):
         try:
             return _probe(gm, small)
-        except Exception:  # the graph needs its traced size: probe at that size below
+        except Exception:  # the graph needs a larger (or its traced) size: try the next
             pass
     return _probe(gm, example)
 
@@ -101,14 +100,18 @@ def _probe(gm: fx.GraphModule, x: torch.Tensor) -> dict[fx.Node, object]:
     return probe.values
 
 
-def _smaller(example: torch.Tensor) -> torch.Tensor | None:
-    """The example at a quarter of each spatial size (at least 16), or None."""
+def _smaller(example: torch.Tensor) -> list[torch.Tensor]:
+    """The example at an eighth, then a quarter of each spatial size (at least 16
+    each), smallest first; sizes that are not smaller than the example are left out."""
     if example.dim() < 3:
-        return None
-    spatial = tuple(max(16, s // 4) for s in example.shape[2:])
-    if spatial >= tuple(example.shape[2:]):
-        return None
-    return torch.randn((1, example.shape[1], *spatial), dtype=example.dtype)
+        return []
+    full = tuple(example.shape[2:])
+    sizes = []
+    for divisor in (8, 4):
+        spatial = tuple(max(16, s // divisor) for s in full)
+        if spatial < full and spatial not in sizes:
+            sizes.append(spatial)
+    return [torch.randn((1, example.shape[1], *s), dtype=example.dtype) for s in sizes]
 
 
 _TAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -33,6 +33,7 @@ def export_torchscript(
     verify: bool = True,
     rtol: float = TOLERANCE,
     verifier: IsolatedVerifier | None = None,
+    expected: Any = None,
 ) -> ExportResult:
     """Write ``module`` as a TorchScript file with ``metadata`` embedded as ``fxprune.json``.
 
@@ -40,12 +41,13 @@ def export_torchscript(
     ``example`` and says why in ``warnings``. With ``verify`` the temp file is run in a
     fresh Python process without fxprune before it replaces ``path``; a failed check
     raises VerificationError/ExportError and leaves ``path`` untouched. `verifier`
-    is a verification process started earlier (see `IsolatedVerifier`).
+    is a verification process started earlier (see `IsolatedVerifier`); `expected`
+    is ``module``'s output on ``example`` when the caller already has it.
     """
     check_target(path, force=force, protect=protect)
     meta_json = metadata_json(metadata)
     with eval_mode(module):
-        expected = run_model(module, example)
+        expected = run_model(module, example) if expected is None else expected
         compiled, method, notes = _to_torchscript(module, example)
     if not verify:
         notes.append("not verified: verify=False")

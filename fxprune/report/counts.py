@@ -7,6 +7,7 @@ Tables live in `fxprune.report.tables`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import warnings
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxprune.report.graph_counts import count_graph_flops
 from fxprune.verify import eval_mode
 
 FLOPS_UNIT = "fvcore: one multiply-add = one FLOP"
@@ -68,19 +70,35 @@ class ModelSummary:
 # --------------------------------------------------------------------------- counting
 
 
-def count_model(module: nn.Module, example: torch.Tensor) -> ModelCounts:
+def count_model(
+    module: nn.Module, example: torch.Tensor, *, from_shapes: bool = False
+) -> ModelCounts:
     """Count parameters and FLOPs of ``module`` on ``example`` with fvcore (eval, no_grad).
 
     Every Conv/Linear/BatchNorm leaf gets a row keyed by its qualified module name, in
     the order the forward pass first calls it (uncalled layers last, with 0 FLOPs).
     Operators fvcore cannot count are listed in ``unsupported_ops``, not warned about.
+
+    With ``from_shapes``, a GraphModule made only of ops whose fvcore count is known
+    (`graph_counts`) is counted from its shapes, with fvcore's formulas and without a
+    forward pass: the same numbers, but ``unsupported_ops`` stays empty. Any other
+    model is counted by fvcore as above.
     """
-    flop_count_analysis, parameter_count = _fvcore()
-    with eval_mode(module), _call_order(module) as order, torch.no_grad():
-        analysis = flop_count_analysis(module, example)
-        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        total_flops, by_module = int(analysis.total()), analysis.by_module()
-        unsupported = dict(analysis.unsupported_ops())
+    counted = count_graph_flops(module, example) if from_shapes else None
+    flop_count_analysis, parameter_count = _fvcore() if counted is None else (None, _param_count)
+    if counted is not None:
+        total_flops, by_module = counted
+        order = [n.target for n in module.graph.nodes if n.op == "call_module"]
+        order = list(
+            dict.fromkeys(n for n in order if isinstance(module.get_submodule(n), _COUNTED))
+        )
+        unsupported: dict[str, int] = {}
+    else:
+        with eval_mode(module), _call_order(module) as order, torch.no_grad():
+            analysis = flop_count_analysis(module, example)
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            total_flops, by_module = int(analysis.total()), analysis.by_module()
+            unsupported = dict(analysis.unsupported_ops())
     params = parameter_count(module)
     leaves = dict(module.named_modules())
     names = order + [n for n in leaves if n not in order]
@@ -100,6 +118,18 @@ def _layer_count(name: str, layer: nn.Module, params: int, flops: int) -> LayerC
     else:
         widths = (layer.in_channels, layer.out_channels)
     return LayerCount(name, type(layer).__name__, *widths, int(params), int(flops))
+
+
+def _param_count(module: nn.Module) -> dict[str, int]:
+    """fvcore's `parameter_count` (parameters per module prefix, "" the whole model),
+    without importing fvcore."""
+    counts: dict[str, int] = {}
+    for name, param in module.named_parameters():
+        parts = name.split(".")
+        for k in range(len(parts) + 1):
+            prefix = ".".join(parts[:k])
+            counts[prefix] = counts.get(prefix, 0) + param.numel()
+    return collections.defaultdict(int, counts)
 
 
 def _fvcore() -> tuple[Any, Any]:
