@@ -113,7 +113,11 @@ def timed(prune, model: nn.Module, x: torch.Tensor) -> tuple[float, object]:
 
 def output_error(expected, model: nn.Module, x: torch.Tensor) -> float | str:
     try:
-        return relative_error(expected, run_model(model, x))
+        actual = run_model(model, x)
+    except Exception as exc:  # e.g. Torch-Pruning cut a C2f block's split widths apart
+        return f"fails to run: {type(exc).__name__}"
+    try:
+        return relative_error(expected, actual)
     except VerificationError as exc:  # e.g. Torch-Pruning pruned an output's channels
         return f"differs: {str(exc)[:40]}"
 
@@ -148,8 +152,8 @@ def compare(name: str, repeats: int, size: int) -> list:
         tp_col, ratio = f"≥{tp_s:.3g} (failed)", f"≤{ratio}"
         tp_err, tp_ms = f"{type(tp_model).__name__}: {str(tp_model)[:40]}", float("nan")
     else:
-        tp_col = f"{tp_s:.3g}"
-        tp_err, tp_ms = output_error(expected, tp_model, x), 1000 * latency(tp_model, x)
+        tp_col, tp_err = f"{tp_s:.3g}", output_error(expected, tp_model, x)
+        tp_ms = float("nan") if isinstance(tp_err, str) else 1000 * latency(tp_model, x)
     return [name, fx_s, tp_col, ratio, fx_err, tp_err, fx_ms, tp_ms]
 
 

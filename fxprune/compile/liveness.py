@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune.analysis.vocabulary import concrete, reads_only_shape, tensor_shape
-from fxprune.trace import mutable_copy
+from fxprune.trace.run import run_graph
 
 
 @dataclass
@@ -47,27 +47,19 @@ def channel_nodes(gm: fx.GraphModule):
             yield node
 
 
-class _Probe(fx.Interpreter):
-    """Runs the graph and keeps, per channel node, each channel's first value."""
+def _record_channels(values: dict[fx.Node, object]):
+    """A `run_graph` hook that keeps, per channel node, each channel's first value."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.values: dict[fx.Node, object] = {}
-
-    def fetch_args_kwargs_from_env(self, n: fx.Node):
-        args, kwargs = super().fetch_args_kwargs_from_env(n)
-        return mutable_copy(args), mutable_copy(kwargs)
-
-    def run_node(self, n: fx.Node):
-        result = super().run_node(n)
+    def record(n: fx.Node, result) -> None:
         ids = n.meta.get("channels")
         if isinstance(ids, np.ndarray) and isinstance(result, torch.Tensor):
-            self.values[n] = _sample(result, ids)
+            values[n] = _sample(result, ids)
         elif isinstance(ids, list) and isinstance(result, (tuple, list)):
-            self.values[n] = [
+            values[n] = [
                 _sample(r, i) if i is not None else None for r, i in zip(result, ids, strict=True)
             ]
-        return result
+
+    return record
 
 
 def _sample(t: torch.Tensor, ids: np.ndarray) -> np.ndarray:
@@ -94,10 +86,10 @@ def probe_values(gm: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, obj
 
 
 def _probe(gm: fx.GraphModule, x: torch.Tensor) -> dict[fx.Node, object]:
-    probe = _Probe(gm)
+    values: dict[fx.Node, object] = {}
     with torch.no_grad():
-        probe.run(x)
-    return probe.values
+        run_graph(gm, [x], on_result=_record_channels(values))
+    return values
 
 
 def _smaller(example: torch.Tensor) -> list[torch.Tensor]:

@@ -348,13 +348,13 @@ class Rewriter:
         for name in ("weight", "bias"):
             value = getattr(module, name, None)
             if isinstance(value, nn.Parameter):
-                setattr(new, name, _param(value.detach()[idx], value))
+                setattr(new, name, _param(value.detach().index_select(0, idx), value))
             elif isinstance(value, torch.Tensor):
-                setattr(new, name, value[idx].clone())
+                setattr(new, name, value.index_select(0, idx))  # a copy
         for name in ("running_mean", "running_var"):
             value = getattr(module, name, None)
             if value is not None:
-                setattr(new, name, value[idx].clone())
+                setattr(new, name, value.index_select(0, idx))  # a copy
         if hasattr(new, "num_features"):
             new.num_features = len(idx)
         replace_module(self.gm, node.target, new)

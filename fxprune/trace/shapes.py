@@ -13,6 +13,8 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from fxprune.errors import TraceError, first_line
+from fxprune.trace.layer_shapes import binary_output, layer_output
+from fxprune.trace.run import run_graph
 
 # Modules whose output has exactly their input's shape, dtype and layout: on the
 # meta device their shapes need no kernel (the meta batch norm alone is slow).
@@ -47,28 +49,20 @@ def _keeps_shape(module: nn.Module, args: tuple, kwargs: dict) -> bool:
     return ranks is None or (x.dim() in ranks and x.shape[1] == module.num_features)
 
 
-class _ValueShapeProp(fx.Interpreter):
-    """ShapeProp that also records non-tensor results (sizes, ints) in meta["value"].
+class _ShapeRecorder:
+    """Shape propagation's hooks for `run_graph`: records tensor metadata in
+    meta["tensor_meta"] and plain results (sizes, ints) in meta["value"].
 
     With `on_meta`, modules and attributes come from copies on the meta device,
     made for the modules the graph calls when it first calls them, so shapes are
     found without computing anything.
     """
 
-    def __init__(self, gm: fx.GraphModule, on_meta: bool) -> None:
-        super().__init__(gm)
+    def __init__(self, on_meta: bool) -> None:
         self.on_meta = on_meta
         self.meta_modules: dict[str, nn.Module] = {}
 
-    def propagate(self, *args):
-        return self.run(*args)
-
-    def fetch_args_kwargs_from_env(self, n: fx.Node):
-        args, kwargs = super().fetch_args_kwargs_from_env(n)
-        return mutable_copy(args), mutable_copy(kwargs)
-
-    def run_node(self, n: fx.Node):
-        result = super().run_node(n)
+    def record(self, n: fx.Node, result) -> None:
         found = False
 
         def tensor_meta(obj):
@@ -83,30 +77,31 @@ class _ValueShapeProp(fx.Interpreter):
             n.meta["tensor_meta"] = meta
         elif _is_plain_value(result):
             n.meta["value"] = result
-        return result
 
-    def call_module(self, target, args, kwargs):
+    def call_module(self, target: str, module: nn.Module, args: tuple, kwargs: dict):
         if not self.on_meta:
-            return super().call_module(target, args, kwargs)
-        module = self.module.get_submodule(target)
+            return module(*args, **kwargs)
         if _keeps_shape(module, args, kwargs):
             return torch.empty_like(args[0])  # shape, dtype and layout are the input's
+        formula = layer_output(module, args, kwargs)
+        if formula is not None:
+            return formula
         if target not in self.meta_modules:
             self.meta_modules[target] = meta_copy(module)
         return self.meta_modules[target](*args, **kwargs)
 
-    def get_attr(self, target, args, kwargs):
-        value = self.fetch_attr_from(self.module, target)
+    def call_function(self, target, args: tuple, kwargs: dict):
+        formula = binary_output(target, args, kwargs) if self.on_meta else None
+        return target(*args, **kwargs) if formula is None else formula
+
+    def get_attr(self, target: str, value):
         if self.on_meta and isinstance(value, torch.Tensor):
             return value.detach().to("meta")
         return value
 
-    @staticmethod
-    def fetch_attr_from(root: nn.Module, target: str):
-        obj = root
-        for atom in target.split("."):
-            obj = getattr(obj, atom)
-        return obj
+    def run(self, gm: fx.GraphModule, example: torch.Tensor) -> None:
+        run_graph(gm, [example], on_result=self.record, call_module=self.call_module,
+                  call_function=self.call_function, get_attr=self.get_attr)  # fmt: skip
 
 
 def mutable_copy(value):
@@ -163,13 +158,13 @@ def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
     gm.eval()
     try:
         with torch.no_grad():
-            _ValueShapeProp(gm, on_meta=True).propagate(example.to("meta"))
+            _ShapeRecorder(on_meta=True).run(gm, example.to("meta"))
         return
     except Exception:  # some ops have no meta kernel: compute for real
         pass
     try:
         with torch.no_grad():
-            _ValueShapeProp(gm, on_meta=False).propagate(example)
+            _ShapeRecorder(on_meta=False).run(gm, example)
     except Exception as exc:
         raise TraceError(
             f"the model does not run on an input of shape {tuple(example.shape)}: "

@@ -1,0 +1,76 @@
+"""Output shapes of common layers by their formulas, for shape propagation on the meta
+device: the meta kernels of convolution, linear and broadcasting arithmetic run
+through Python reference implementations that cost a millisecond a call, more
+than the rest of propagation per node. Each function returns an empty meta tensor
+of the output's shape and dtype (contiguous, as the kernels return for contiguous
+inputs), or None whenever anything is unusual: then the real meta kernel runs.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import nn
+
+__all__ = ["binary_output", "layer_output"]
+
+_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
+           torch.mul}  # fmt: skip
+
+
+def _plain(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_meta and x.is_contiguous() and x.dim() >= 1
+
+
+def layer_output(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The output of a Conv1d/2d/3d, Linear or AdaptiveAvgPool2d call on one plain
+    meta tensor, as an empty meta tensor; None for anything else."""
+    if len(args) != 1 or kwargs or not _plain(args[0]):
+        return None
+    x, kind = args[0], type(module)
+    if kind in _CONVS:
+        return _conv_output(module, x, _CONVS[kind])
+    if kind is nn.Linear and x.shape[-1] == module.in_features and x.dtype == module.weight.dtype:
+        return x.new_empty((*x.shape[:-1], module.out_features))
+    if kind is nn.AdaptiveAvgPool2d and x.dim() in (3, 4):
+        size = module.output_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        spatial = tuple(s if s is not None else d for s, d in zip(size, x.shape[-2:], strict=True))
+        return x.new_empty((*x.shape[:-2], *spatial))
+    return None
+
+
+def _conv_output(conv: nn.Module, x: torch.Tensor, dims: int) -> torch.Tensor | None:
+    if (
+        x.dim() != dims + 2
+        or x.shape[1] != conv.in_channels
+        or conv.padding_mode != "zeros"
+        or isinstance(conv.padding, str)
+        or x.dtype != conv.weight.dtype
+    ):
+        return None
+    spatial = []
+    for size, k, s, p, d in zip(x.shape[2:], conv.kernel_size, conv.stride, conv.padding,
+                                conv.dilation, strict=True):  # fmt: skip
+        out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+        if out <= 0:
+            return None  # the kernel raises the user-facing error
+        spatial.append(out)
+    return x.new_empty((x.shape[0], conv.out_channels, *spatial))
+
+
+def binary_output(target, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """`a + b`, `a * b`, ... of two plain meta tensors of one floating dtype whose
+    shapes broadcast, as an empty meta tensor; None for anything else."""
+    if target not in _BINARY or len(args) != 2 or kwargs:
+        return None
+    a, b = args
+    if not (_plain(a) and _plain(b)) or a.dtype != b.dtype or not a.dtype.is_floating_point:
+        return None
+    try:
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:
+        return None
+    return a.new_empty(shape)
