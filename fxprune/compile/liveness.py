@@ -47,10 +47,24 @@ def channel_nodes(gm: fx.GraphModule):
             yield node
 
 
-def _record_channels(values: dict[fx.Node, object]):
-    """A `run_graph` hook that keeps, per channel node, each channel's first value."""
+class ProbeValues(dict):
+    """Probe values by node. A node the probe did not sample (it has no constant
+    channel, whose value is all that is ever read) reads as NaN."""
+
+    def __missing__(self, node: fx.Node):
+        ids = node.meta["channels"]
+        if isinstance(ids, list):
+            return [np.full(flat(i).size, np.nan) if i is not None else None for i in ids]
+        return np.full(flat(ids).size, np.nan)
+
+
+def _record_channels(values: dict[fx.Node, object], nodes):
+    """A `run_graph` hook that keeps, per channel node in `nodes` (None: all), each
+    channel's first value."""
 
     def record(n: fx.Node, result) -> None:
+        if nodes is not None and n not in nodes:
+            return
         ids = n.meta.get("channels")
         if isinstance(ids, np.ndarray) and isinstance(result, torch.Tensor):
             values[n] = _sample(result, ids)
@@ -67,8 +81,9 @@ def _sample(t: torch.Tensor, ids: np.ndarray) -> np.ndarray:
     return t[0].detach().reshape(ids.size, -1)[:, 0].double().cpu().numpy()
 
 
-def probe_values(gm: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, object]:
-    """Each channel node's per-channel values from one forward pass.
+def probe_values(gm: fx.GraphModule, example: torch.Tensor, nodes=None) -> ProbeValues:
+    """Each channel node's (or each of `nodes`') per-channel values from one forward
+    pass (none at all, and no pass, when `nodes` is empty).
 
     Only the values of constant channels are ever read, and a constant channel
     has the same value at every resolution (the rules never call a channel
@@ -77,18 +92,20 @@ def probe_values(gm: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, obj
     then a quarter of the example's spatial size, and at the full size when the
     graph accepts neither smaller input (a flatten → Linear, a fixed-size view).
     """
+    if nodes is not None and not nodes:
+        return ProbeValues()
     for small in _smaller(example):
         try:
-            return _probe(gm, small)
+            return _probe(gm, small, nodes)
         except Exception:  # the graph needs a larger (or its traced) size: try the next
             pass
-    return _probe(gm, example)
+    return _probe(gm, example, nodes)
 
 
-def _probe(gm: fx.GraphModule, x: torch.Tensor) -> dict[fx.Node, object]:
-    values: dict[fx.Node, object] = {}
+def _probe(gm: fx.GraphModule, x: torch.Tensor, nodes) -> ProbeValues:
+    values = ProbeValues()
     with torch.no_grad():
-        run_graph(gm, [x], on_result=_record_channels(values))
+        run_graph(gm, [x], on_result=_record_channels(values, nodes))
     return values
 
 
@@ -213,10 +230,16 @@ def _structural_input(node: fx.Node) -> fx.Node | None:
 def find_liveness(gm: fx.GraphModule, example: torch.Tensor) -> Liveness:
     """Constant and dead channel positions of every channel node of `gm`."""
     modules = dict(gm.named_modules())
-    values = probe_values(gm, example)
     const = _forward_const(gm, modules)
     dead = _backward_dead(gm, modules)
+    values = probe_values(gm, example, {n for n, c in const.items() if _any_true(c)})
     return Liveness(const=const, dead=dead, values=values)
+
+
+def _any_true(mask) -> bool:
+    if isinstance(mask, list):
+        return any(m is not None and bool(m.any()) for m in mask)
+    return bool(mask.any())
 
 
 def _forward_const(gm, modules) -> dict:
@@ -358,6 +381,7 @@ def _member(ids: np.ndarray, members: np.ndarray) -> np.ndarray:
 
 __all__ = [
     "Liveness",
+    "ProbeValues",
     "aligned_operands",
     "bn_gamma",
     "channel_nodes",
