@@ -46,8 +46,8 @@ warnings.filterwarnings("ignore")
 WHAT_IS_TIMED = """\
 timed on each side (model already built and zeroed, imports excluded, nothing verified):
   fxprune: trace (fx, or torch.export where fx cannot) + shape propagation on the meta
-           device + channel analysis + compile (liveness, with one forward pass at a
-           quarter of the input size for the constants' values, rewrite, recompile)
+           device + channel analysis + compile (liveness, with one forward pass at an
+           eighth of the input size for the constants' values, rewrite, recompile)
   TP:      DependencyGraph.build_dependency (one forward pass of the example, traced
            through autograd) + pruning the zero-γ channels of every BatchNorm
   neither side's time includes a verification forward pass; the error columns are
