@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -296,7 +297,10 @@ def run_isolated(family: str, name: str, timeout: float, stage_seconds: float) -
                str(stage_seconds)]  # fmt: skip
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        # one thread per model: OpenMP workers spin while waiting, which on a shared
+        # machine costs more than they save at these input sizes
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as exc:
         partial = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
         lines = [ln for ln in partial.splitlines() if ln.startswith("{")]

@@ -14,19 +14,23 @@ from torch import nn
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
+# One or more models of 39 timm modules (sub-families); TIMM_MORE (run last) adds
+# more members of the largest ones.
 TIMM = """
-resnet18 resnet50 resnet26d resnet10t resnext26ts ecaresnet26t resnest14d skresnet18
-seresnext26d_32x4d legacy_seresnet18 regnetx_002 regnety_002 regnety_008 regnetz_b16
-efficientnet_b0 efficientnet_lite0 tf_efficientnet_b0 efficientnetv2_rw_t tinynet_a tinynet_e
-mobilenetv1_100 mobilenetv2_050 mobilenetv2_100 mobilenetv3_small_050 mobilenetv3_large_100
-tf_mobilenetv3_small_100 mobilenetv4_conv_small mnasnet_small mnasnet_100 semnasnet_050
-fbnetc_100 spnasnet_100 mixnet_s hardcorenas_a lcnet_050 ghostnet_050 ghostnetv2_100
-repghostnet_050 densenet121 dla34 dla46_c dpn68 cspresnet50 cspdarknet53 darknet53 cs3darknet_s
-vovnet39a ese_vovnet19b_dw repvgg_a0 mobileone_s0 fastvit_t8 rexnet_100 gernet_s eca_resnet33ts
-selecsls42b vgg11_bn resnetv2_50 hgnetv2_b0 hgnet_tiny mobilevit_xxs levit_128s
-efficientformer_l1 res2net50_26w_4s res2next50 hrnet_w18_small inception_v3 inception_v4
-inception_resnet_v2 xception41 legacy_xception efficientvit_b0 efficientvit_m0 convmixer_768_32
-tresnet_m repvit_m0_9 mobilevitv2_050 nasnetalarge pnasnet5large resnest26d
+resnet18 resnet50 ecaresnet26t seresnext26d_32x4d resnext26ts resnest14d skresnet18
+legacy_seresnet18 regnetx_002 regnety_008 regnetz_b16 efficientnet_b0 tf_efficientnet_b0
+efficientnetv2_rw_t mobilenetv2_100 mnasnet_100 fbnetc_100 mixnet_s mobilenetv3_large_100
+tf_mobilenetv3_small_100 mobilenetv4_conv_small lcnet_050 hardcorenas_a ghostnet_050
+ghostnetv2_100 repghostnet_050 densenet121 dla34 dla46_c dpn68 cspresnet50 cspdarknet53
+darknet53 cs3darknet_s vovnet39a ese_vovnet19b_dw repvgg_a0 mobileone_s0 fastvit_t8 rexnet_100
+gernet_s selecsls42b vgg11_bn resnetv2_50 hgnetv2_b0 hgnet_tiny mobilevit_xxs mobilevitv2_050
+levit_128s efficientformer_l1 res2net50_26w_4s res2next50 hrnet_w18_small inception_v3
+inception_v4 inception_resnet_v2 xception41 legacy_xception efficientvit_b0 efficientvit_m0
+convmixer_768_32 tresnet_m repvit_m0_9 resnest26d nasnetalarge pnasnet5large
+""".split()
+TIMM_MORE = """
+resnet26d resnet10t regnety_002 eca_resnet33ts efficientnet_lite0 tinynet_a tinynet_e
+mobilenetv1_100 mobilenetv2_050 mobilenetv3_small_050 mnasnet_small semnasnet_050 spnasnet_100
 """.split()
 # timm input sides: 64 px unless the architecture needs more (fixed attention
 # resolutions, or stems and valid-padded pools that need ≥ 75 px)
@@ -66,7 +70,7 @@ vit_l_16 vit_l_32 vit_h_14
 TORCHVISION_SIZES = {"inception_v3": 128, "maxvit_t": 224}
 FAMILIES = {
     "torchvision": TORCHVISION,
-    "timm": TIMM,
+    "timm": TIMM + TIMM_MORE,
     "ultralytics": ULTRALYTICS,
     "transformers": TRANSFORMERS,
 }
