@@ -13,9 +13,16 @@ exactly 0 (the same model for both tools):
   TorchScript artifact written, reloaded with `torch.jit.load` and compared
   with the user's model; front end used, share of channels prunable,
   channels removed, worst relative error per output.
+  Where TorchScript cannot capture the compact model, a `.pt2` (torch.export)
+  is written and checked instead, and the row says so.
+- in place: `fxprune.prune_` on a copy of the same zeroed model; `type(model)`
+  kept, output vs the user's model, then `model.train()` and one SGD step on a
+  random-target loss.
 - Torch-Pruning (if installed): its dependency graph removes exactly the
   zero-γ channels of every BatchNorm; success, time, output error.
-A model fxprune does not prune says why in one line.
+A model fxprune does not prune says why in one line. Each tool has
+`--stage-timeout` seconds per model (a timeout is that tool's status); rows
+already in `--jsonl` are reused, so a subset can be rerun by deleting its lines.
 """
 
 from __future__ import annotations
