@@ -120,9 +120,14 @@ def _input_cell(row: dict) -> str:
     return f"{shape} (BN calibrated)" if row.get("calibrated") else shape
 
 
-def _fx_cell(row: dict) -> str:
-    status = row.get("fx_status", "")
-    return f"{status} (model ignores its input)" if row.get("constant_model") else status
+def _fx_cell(row: dict, key: str = "fx_status") -> str:
+    status = row.get(key, "")
+    if row.get("sensitivity", 0.0) > TOLERANCE and "differs" in status:
+        status += (f" (ill-conditioned test model: a 1e-6 input change moves its output by "
+                   f"{row['sensitivity']:.1e})")  # fmt: skip
+    if key == "fx_status" and row.get("constant_model"):
+        status += " (model ignores its input)"
+    return status
 
 
 def ignores_input(model: nn.Module, x: torch.Tensor) -> bool:
@@ -285,7 +290,16 @@ def run_one(family: str, name: str, stage_seconds: float = 300.0) -> dict:
         if expired():
             row[f"{stage}_status"] = f"timeout after {stage_seconds:.0f} s"
         print(json.dumps(row, default=float), flush=True)  # kept if a later stage hangs
+    if any("differs" in row.get(key, "") for key in ("fx_status", "ip_status")):
+        row["sensitivity"] = input_sensitivity(model, x)
     return row
+
+
+def input_sensitivity(model: nn.Module, x: torch.Tensor) -> float:
+    """How far the user's model itself moves when its input moves by 1e-6: above the
+    tolerance, float32 rounding alone (in any rewrite) can exceed it."""
+    nudge = 1e-6 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    return output_error(run_model(model, x), run_model(model, x + nudge))
 
 
 def _commit() -> str:
@@ -406,7 +420,7 @@ def markdown(rows: list[dict], command: str) -> str:
              _pct(r.get("prunable")), r.get("removed", ""), _err(r.get("fx_error")),
              _artifact(r), _sec(r.get("fx_time")), _fx_cell(r),
              r.get("ip_removed", ""), _err(r.get("ip_error")), _sec(r.get("ip_time")),
-             r.get("ip_status", ""), r.get("tp_status", ""), _err(r.get("tp_error")),
+             _fx_cell(r, "ip_status"), r.get("tp_status", ""), _err(r.get("tp_error")),
              _sec(r.get("tp_time"))]
             for r in rows]  # fmt: skip
     cols = ["family", "model", "sub", "input", "front end", "prunable", "removed", "error",
