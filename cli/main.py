@@ -158,7 +158,12 @@ def _groups_table(analysis) -> str:
 @app.command("compile")
 def compile_cmd(
     source: SourceArg,
-    out: Annotated[Path, typer.Option("--out", help="The TorchScript artifact to write (.ts)")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="The artifact to write: TorchScript (.ts), or torch.export with .pt2"
+        ),
+    ],
     weights: Weights = None,
     input_shape: InputShape = None,
     submodule: Submodule = None,
@@ -208,8 +213,16 @@ def compile_cmd(
     force: Force = False,
     arch: Arch = None,
     frontend: Frontend = "auto",
+    pt2_fallback: Annotated[
+        bool,
+        typer.Option(
+            "--pt2-fallback",
+            help="If TorchScript cannot capture the compact model, write a torch.export "
+            ".pt2 beside --out instead",
+        ),
+    ] = False,
 ) -> None:
-    """Remove dead channels exactly and write a verified TorchScript artifact."""
+    """Remove dead channels exactly and write a verified TorchScript (or .pt2) artifact."""
     from fxprune.load import parse_input_shape
     from fxprune.pipeline import CompileConfig, compile_source
 
@@ -218,7 +231,7 @@ def compile_cmd(
         submodule=submodule, threshold=threshold, sparsity=sparsity, absorb=absorb,
         emit_py=emit_py, save_checkpoint=save_checkpoint, report_json=report,
         trust_pickle=trust_pickle, force=force, verify=verify, fuse=fuse, round_to=round_to,
-        frontend=frontend,
+        frontend=frontend, pt2_fallback=pt2_fallback,
         min_width=min_width, allow_constant=allow_constant, arch=arch,
         **({} if min_keep is None else {"min_keep": min_keep}),
     )  # fmt: skip

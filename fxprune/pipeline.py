@@ -42,7 +42,7 @@ from fxprune.compile.dependence import probe_input
 from fxprune.compile.fusions import fuse_for_deployment
 from fxprune.compile.in_place import BORDER_MODES, PruneReport, prune_
 from fxprune.compile.in_place_save import save_pruned
-from fxprune.errors import UsageError, VerificationError
+from fxprune.errors import ExportError, UsageError, VerificationError
 from fxprune.export import (
     ExportResult,
     IsolatedVerifier,
@@ -349,6 +349,7 @@ class CompileConfig:
     allow_constant: bool = False  # write a model whose output ignores its input
     arch: str | None = None
     frontend: str = "auto"
+    pt2_fallback: bool = False  # write x.pt2 beside --out x.ts when TorchScript cannot capture
 
     def __post_init__(self) -> None:
         if self.threshold is not None and self.sparsity is not None:
@@ -592,15 +593,8 @@ def _write_staged(
     gm, example = outcome.result.gm, outcome.traced.example
     deploy = deployment_model(gm, example, outcome) if config.fuse else gm
     outputs = outcome.deploy_outputs if config.fuse else outcome.verified_outputs
-    say(f"writing {config.out} (TorchScript, verified in a separate process)")
-    exported = export_torchscript(
-        deploy, example, config.out,
-        metadata=artifact_metadata(outcome.loaded.source, example, outcome.before, outcome.after,
-                                   absorb=config.absorb, fused=config.fuse,
-                                   frontend=outcome.traced.frontend),
-        force=config.force, protect=protect, verifier=verifier,
-        expected=outputs[0] if outputs else None,
-    )  # fmt: skip
+    expected = outputs[0] if outputs else None
+    exported = _write_artifact(deploy, outcome, config, protect, say, verifier, expected)
     outcome.artifact_warnings += exported.warnings
     outcome.written.append(exported.path)
     if config.emit_py is not None:  # a readable export, never loaded back by fxprune
@@ -620,6 +614,45 @@ def _write_staged(
         atomic_write(Path(config.report_json), lambda tmp: tmp.write_text(text + "\n"),
                      force=config.force, protect=protect)  # fmt: skip
         outcome.written.append(Path(config.report_json))
+
+
+def _write_artifact(
+    deploy: nn.Module,
+    outcome: CompileOutcome,
+    config: CompileConfig,
+    protect,
+    say,
+    verifier,
+    expected=None,
+) -> ExportResult:
+    """`--out x.pt2`: a torch.export program. Otherwise TorchScript; where TorchScript
+    cannot capture the compact model, ExportError naming `--out x.pt2`, or with
+    `--pt2-fallback` that `.pt2` written beside the requested path instead."""
+    example = outcome.traced.example
+    metadata = artifact_metadata(outcome.loaded.source, example, outcome.before, outcome.after,
+                                 absorb=config.absorb, fused=config.fuse,
+                                 frontend=outcome.traced.frontend)  # fmt: skip
+    pt2 = Path(config.out).with_suffix(".pt2")
+    if Path(config.out).suffix == ".pt2":
+        say(f"writing {config.out} (torch.export, verified by loading it back)")
+        return export_pt2(deploy, example, pt2, metadata=metadata, force=config.force,
+                          protect=protect)  # fmt: skip
+    say(f"writing {config.out} (TorchScript, verified in a separate process)")
+    try:
+        return export_torchscript(
+            deploy, example, config.out, metadata=metadata, force=config.force, protect=protect,
+            verifier=verifier, expected=expected,
+        )  # fmt: skip
+    except ExportError as err:
+        why = str(err).splitlines()[0]
+        if not config.pt2_fallback:
+            raise ExportError(
+                f"TorchScript cannot capture the compact model ({why}); nothing was written — "
+                f"write a torch.export program instead with --out {pt2} (or add --pt2-fallback)"
+            ) from err
+        say(f"TorchScript cannot capture the compact model ({why}); writing {pt2} instead")
+    return export_pt2(deploy, example, pt2, metadata=metadata, force=config.force,
+                      protect=protect)  # fmt: skip
 
 
 def compiled_architecture(outcome: CompileOutcome, submodule: str | None) -> dict:

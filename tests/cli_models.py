@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -45,4 +47,36 @@ def tiny() -> nn.Module:
     model.input_shape = (1, 3, 8, 8)
     with torch.no_grad():
         model[1].weight[:2] = 0
+    return model
+
+
+@dataclasses.dataclass
+class Maps:
+    """A model output TorchScript cannot hold (neither script nor trace takes a
+    dataclass), registered as a pytree so torch.export can."""
+
+    maps: torch.Tensor
+
+
+torch.export.register_dataclass(Maps, serialized_type_name="cli_models.Maps")
+
+
+class DataclassOutput(nn.Module):
+    input_shape = (1, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return Maps(self.head(torch.relu(self.bn(self.conv(x)))))
+
+
+def dataclass_output() -> nn.Module:
+    with torch.random.fork_rng():  # the same weights on every call: the test compares
+        torch.manual_seed(0)
+        model = DataclassOutput()
+    with torch.no_grad():
+        model.bn.weight[:2] = 0
     return model

@@ -154,6 +154,26 @@ def test_compile_end_to_end_and_debug_traceback(work):
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
+def test_compile_names_pt2_when_torchscript_cannot_capture_the_model(work):
+    refused = fxprune("compile", "cli_models:dataclass_output", "--out", "m.ts", cwd=work)
+    assert_clean_error(refused, 1, "TorchScript cannot capture", "--out m.pt2")
+    assert not (work / "m.ts").exists() and not (work / "m.pt2").exists()
+    for args in (["--out", "m.pt2"], ["--out", "m.ts", "--pt2-fallback"]):
+        done = fxprune("compile", "cli_models:dataclass_output", *args, "--force", cwd=work)
+        assert done.returncode == 0, done.stderr
+        assert "removed 2 of" in done.stdout and f"wrote {work / 'm.pt2'}" in done.stdout
+        assert not (work / "m.ts").exists()
+        sys.path.insert(0, str(TESTS))  # the .pt2 names cli_models.Maps
+        import cli_models
+
+        model = cli_models.dataclass_output().eval()
+        x = torch.randn(model.input_shape)
+        program = torch.export.load(work / "m.pt2").module()
+        with torch.no_grad():
+            expected, actual = model(x).maps, program(x).maps
+        assert actual.shape == expected.shape and torch.allclose(actual, expected, atol=1e-5)
+
+
 def test_cli_runner_help_and_version():
     runner = CliRunner()
     assert "fxprune" in runner.invoke(app, ["--version"]).stdout

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fxprune.report.graph_counts import count_graph_flops
-from fxprune.verify import eval_mode
+from fxprune.verify import eval_mode, flatten_outputs
 
 FLOPS_UNIT = "fvcore: one multiply-add = one FLOP"
 _COUNTED = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
@@ -95,9 +95,10 @@ def count_model(
         unsupported: dict[str, int] = {}
     else:
         with eval_mode(module), _call_order(module) as order, torch.no_grad():
-            analysis = flop_count_analysis(module, example)
+            analysis = flop_count_analysis(_TensorOutputs(module), example)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            total_flops, by_module = int(analysis.total()), analysis.by_module()
+            total_flops = int(analysis.total())
+            by_module = {_inner_name(k): v for k, v in analysis.by_module().items()}
             unsupported = dict(analysis.unsupported_ops())
     params = parameter_count(module)
     leaves = dict(module.named_modules())
@@ -108,6 +109,23 @@ def count_model(
         if isinstance(leaves[name], _COUNTED)
     }
     return ModelCounts(params[""], total_flops, tuple(example.shape), layers, unsupported)
+
+
+class _TensorOutputs(nn.Module):
+    """`inner` with its outputs as a flat tuple of tensors: fvcore traces with
+    torch.jit, which takes no other output (a dataclass, a string)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(flatten_outputs(self.inner(x)))
+
+
+def _inner_name(name: str) -> str:
+    """A `_TensorOutputs` module path as the path in the user's module."""
+    return "" if name in ("", "inner") else name.removeprefix("inner.")
 
 
 def _layer_count(name: str, layer: nn.Module, params: int, flops: int) -> LayerCount:
