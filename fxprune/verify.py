@@ -92,9 +92,17 @@ def run_model(module: nn.Module, x: torch.Tensor) -> Any:
 
 
 def verification_inputs(example: torch.Tensor, count: int = 3, seed: int = 0) -> list[torch.Tensor]:
-    """`example` and `count - 1` random inputs of its shape (the inputs every gate uses)."""
+    """`example` and `count - 1` random inputs of its shape (the inputs every gate uses).
+
+    A draw equal to `example` (an example made with the same generator seed) is
+    skipped, so the gates that compare two inputs never compare one with itself."""
     gen = torch.Generator().manual_seed(seed + 1)
-    inputs = [example] + [torch.randn(example.shape, generator=gen) for _ in range(count - 1)]
+    inputs = [example]
+    while len(inputs) < count:
+        x = torch.randn(example.shape, generator=gen)
+        same = x.dtype == example.dtype and x.device == example.device
+        if not (same and torch.equal(x, example)):
+            inputs.append(x)
     return inputs[:count]
 
 

@@ -131,3 +131,17 @@ def test_installed_command_compiles_with_sparsity(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert out.exists() and "Traceback" not in proc.stderr
+
+
+def test_verification_inputs_never_repeat_the_example():
+    """An example drawn from the verification generator's own seed (seed + 1) must not
+    come back as a 'random' input: the input-dependence gate would compare it with
+    itself and refuse every model as constant."""
+    from fxprune.verify import verification_inputs
+
+    example = torch.randn((1, 3, 8, 8), generator=torch.Generator().manual_seed(1))
+    inputs = verification_inputs(example, 3, seed=0)
+    assert len(inputs) == 3 and inputs[0] is example
+    assert not any(torch.equal(example, x) for x in inputs[1:])
+    assert not torch.equal(inputs[1], inputs[2])
+    assert verification_inputs(example, 0) == []
