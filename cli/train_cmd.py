@@ -17,6 +17,7 @@ import typer
 
 from fxprune.cli.options import Arch, Force, Weights
 from fxprune.errors import DataError, UsageError
+from fxprune.train.procedure import RECALIBRATION_BATCHES
 from fxprune.train.progress import event_lines
 
 Data = Annotated[str, typer.Option("--data", help="Data set: synthetic, synthetic:N, cifar10:DIR, "
@@ -120,7 +121,7 @@ def train_command(
             help="Train batches that re-estimate BatchNorm statistics after each pruning "
             "epoch (0: off); a shrinking γ leaves them stale.",
         ),
-    ] = 20,
+    ] = RECALIBRATION_BATCHES,
     resume: Resume = None,
     device: Device = "cpu",
     seed: Seed = 0,
