@@ -177,7 +177,8 @@ _SPECIAL: dict[object, Callable[[fx.Node], bool]] = {
 
 def translate_aten(gm: fx.GraphModule) -> list[str]:
     """Rewrite every aten call `gm` has a Python-level twin for (module
-    docstring); returns the names of the aten ops left as they are."""
+    docstring); returns the names of the aten ops left as they are. The graph
+    changes; the caller recompiles `gm`."""
     left: set[str] = set()
     for node in gm.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
@@ -191,5 +192,4 @@ def translate_aten(gm: fx.GraphModule) -> list[str]:
             pass
         else:
             left.add(str(target))
-    gm.recompile()
     return sorted(left)

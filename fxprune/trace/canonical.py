@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.operator_schemas import normalize_function
 
-__all__ = ["functional_layers_to_modules", "fold_zero_padding"]
+__all__ = ["canonicalise"]
 
 aten = torch.ops.aten
 
@@ -170,10 +170,24 @@ def _share(new: nn.Module, old: nn.Module) -> nn.Module | None:
     return new
 
 
-def functional_layers_to_modules(gm: fx.GraphModule) -> list[str]:
+def canonicalise(gm: fx.GraphModule, *, recompile: bool = False) -> list[str]:
+    """Both passes below, with one recompile at the end when the graph changed
+    (or always, with `recompile`: a front end that left it to us). Returns the
+    notes of both passes."""
+    notes, turned = _functional_layers_to_modules(gm)
+    pad_notes, padded = _fold_zero_padding(gm)
+    if turned or padded:
+        gm.graph.lint()
+    if turned or padded or recompile:
+        gm.recompile()  # costs about as much as tracing: once, and only when needed
+    return notes + pad_notes
+
+
+def _functional_layers_to_modules(gm: fx.GraphModule) -> tuple[list[str], bool]:
     """Turn functional conv / batch-norm / linear calls on one module's
     parameters into `call_module` nodes (module docstring). Needs shapes
-    (`node.meta["tensor_meta"]`); returns one note per call turned."""
+    (`node.meta["tensor_meta"]`); returns one note per call turned and whether
+    the graph changed (the caller recompiles)."""
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     notes: list[str] = []
     for node in list(gm.graph.nodes):
@@ -193,10 +207,7 @@ def functional_layers_to_modules(gm: fx.GraphModule) -> list[str]:
             if not attr.users:
                 gm.graph.erase_node(attr)
         notes.append(f"{owner}: functional {found[0]} read as {type(module).__name__}")
-    if notes:  # an unchanged graph keeps its code (recompiling costs as much as tracing)
-        gm.graph.lint()
-        gm.recompile()
-    return notes
+    return notes, bool(notes)
 
 
 def _replace_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
@@ -209,12 +220,13 @@ _PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.C
                 nn.ConstantPad3d)  # fmt: skip
 
 
-def fold_zero_padding(gm: fx.GraphModule) -> list[str]:
+def _fold_zero_padding(gm: fx.GraphModule) -> tuple[list[str], bool]:
     """`ZeroPad2d` modules become `F.pad` calls; an `F.pad` with zeros whose
     only reader is a conv without padding becomes that conv's own padding
     when it is the same on both sides (Hugging Face's TF-style padding), and
     disappears when it pads nothing. The same computation, written so the
-    analysis sees a padded conv (exact border terms) instead of an opaque pad."""
+    analysis sees a padded conv (exact border terms) instead of an opaque pad.
+    Returns the notes and whether the graph changed (the caller recompiles)."""
     modules = dict(gm.named_modules())
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -240,10 +252,7 @@ def fold_zero_padding(gm: fx.GraphModule) -> list[str]:
         conv_node.replace_input_with(node, node.args[0])
         gm.graph.erase_node(node)
         notes.append(f"{conv_node.target}: explicit zero padding read as the conv's own")
-    if notes or changed:
-        gm.graph.lint()
-        gm.recompile()
-    return notes
+    return notes, bool(notes) or changed
 
 
 def _zero_pad(node: fx.Node) -> list[int] | None:

@@ -25,9 +25,14 @@ from fxprune.trace.aten_ops import translate_aten
 __all__ = ["export_graph"]
 
 
-def export_graph(module: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+def export_graph(
+    module: nn.Module, example: torch.Tensor, *, recompile: bool = True
+) -> fx.GraphModule:
     """Export `module` (eval mode) on `example` into a GraphModule (module
-    docstring). TraceError (one line) if torch.export cannot capture it."""
+    docstring). TraceError (one line) if torch.export cannot capture it. With
+    `recompile=False` the graph is final but the module's code is not
+    regenerated: the caller edits the graph further and recompiles once (on
+    YOLOv8n each regeneration costs 35 ms)."""
     module.eval()
     try:
         # a library's own prints must not land on the CLI's stdout (trace --format json)
@@ -44,7 +49,8 @@ def export_graph(module: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     _flat_io(gm)
     translate_aten(gm)
     gm.graph.lint()
-    gm.recompile()
+    if recompile:
+        gm.recompile()
     return gm
 
 
@@ -81,4 +87,3 @@ def _flat_io(gm: fx.GraphModule) -> None:
     if isinstance(values, (tuple, list)):
         values = tuple(v for v in values if isinstance(v, fx.Node))
         output.args = (values[0] if len(values) == 1 else values,)
-    gm.recompile()

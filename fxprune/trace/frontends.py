@@ -15,7 +15,7 @@ from torch import nn
 from torch._ops import OpOverload
 
 from fxprune.errors import TraceError
-from fxprune.trace.canonical import fold_zero_padding, functional_layers_to_modules
+from fxprune.trace.canonical import canonicalise
 from fxprune.trace.exported import export_graph
 from fxprune.trace.shapes import propagate_shapes
 from fxprune.trace.symbolic import (
@@ -57,7 +57,7 @@ def trace_model(
     else:
         gm, used, leaves = _trace_fx(target, example, leaves, auto=frontend == "auto")
     propagate_shapes(gm, example)
-    notes = functional_layers_to_modules(gm) + fold_zero_padding(gm)
+    notes = canonicalise(gm, recompile=used == "export")  # export left its recompile to us
     kept = sorted({str(n.target) for n in gm.graph.nodes if isinstance(n.target, OpOverload)})
     if kept:
         notes.append(f"aten ops kept as they are (frozen where they touch channels): "
@@ -82,7 +82,7 @@ def _trace_fx(target: nn.Module, example: torch.Tensor, leaves: dict[str, str], 
     finally:
         unbind(target)
     try:
-        return export_graph(target, example), "export", {}
+        return export_graph(target, example, recompile=False), "export", {}
     except TraceError as exc:
         export_error = exc
     try:  # export failed too: fx's graph with the untraceable parts as leaves
@@ -97,7 +97,7 @@ def _export(target: nn.Module, example: torch.Tensor, fx_error, required: bool):
     """The export front end's graph; when fx gave a graph too (`required`
     False), None if export fails. fx's error is named beside export's."""
     try:
-        return export_graph(target, example)
+        return export_graph(target, example, recompile=False)
     except TraceError as exc:
         if not required:
             return None
