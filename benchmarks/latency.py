@@ -38,7 +38,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = zoo.create_model(args.model).eval()
     randomize_batchnorm(model)
     shape = zoo.model_info(args.model).input_shape

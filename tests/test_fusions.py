@@ -16,7 +16,7 @@ from fxprune.export import export_torchscript
 from fxprune.modules import BorderTerm
 from fxprune.pipeline import compile_analysed, open_source
 from fxprune.testing import randomize_batchnorm, zero_random
-from fxprune.verify import TOLERANCE, verify_equal
+from fxprune.verify import TOLERANCE, relative_error, verify_equal
 
 
 def _batchnorms(gm) -> int:
@@ -50,6 +50,36 @@ def test_border_terms_are_scaled_by_the_folded_batchnorm():
     fused, _ = fuse_for_deployment(compact)
     x = torch.randn(2, 3, 40, 24)  # another resolution: border maps differ
     assert verify_equal(compact, fused, x) <= TOLERANCE
+
+
+def test_border_terms_are_cached_for_the_traced_size_and_computed_for_others():
+    """The term is read from a buffer at the traced size only; every other size,
+    TorchScript (scripted, frozen, traced) and a loaded state_dict stay exact."""
+    analysed = open_source("zoo:resnet20")
+    randomize_batchnorm(analysed.traced.gm)
+    zero_random(analysed.traced.gm, 0.5)
+    original, x = analysed.traced.gm, analysed.traced.example
+    compact = compile_analysed(analysed, allow_constant=True).result.gm
+    borders = [m for m in compact.modules() if isinstance(m, BorderTerm)]
+    assert borders and all(b.size and b.cached.numel() > 0 for b in borders)
+    assert borders[0].size == list(x.shape[2:])  # the first conv's input: the example's
+    other = torch.randn(2, 3, 40, 24)
+    for inp in (x, other):
+        assert verify_equal(original, compact, inp) <= TOLERANCE
+    frozen = torch.jit.freeze(torch.jit.script(fuse_for_deployment(compact)[0]))
+    traced = torch.jit.trace(compact, x, check_trace=False)  # must not freeze the cache
+    with torch.no_grad():
+        expected = original(other)
+        for artifact in (frozen, traced):
+            assert relative_error(expected, artifact(other)) <= TOLERANCE
+    state = {key: value.clone() for key, value in compact.state_dict().items()}
+    assert not any(key.endswith(".cached") for key in state)
+    for border in borders:  # a placeholder kernel (as a replayed checkpoint has) ...
+        border.kernel.zero_()
+        border.refresh()
+    assert verify_equal(original, compact, x) > TOLERANCE
+    compact.load_state_dict(state)  # ... is refreshed with the loaded one
+    assert verify_equal(original, compact, x) <= TOLERANCE
 
 
 def test_preactivation_batchnorm_is_left_alone():

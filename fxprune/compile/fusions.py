@@ -84,9 +84,8 @@ def _fold(gm: fx.GraphModule, bn_node: fx.Node, calls: dict[str, int]) -> str | 
         term = gm.get_submodule(border.target)
         scale = bn.weight.detach() if bn.weight is not None else torch.ones(bn.num_features)
         scale = scale / torch.sqrt(bn.running_var + bn.eps)
-        new_term = fresh_copy(term)
-        new_term.kernel = term.kernel * scale.reshape(-1, *([1] * (term.kernel.dim() - 1)))
-        replace_module(gm, border.target, new_term)
+        kernel = term.kernel * scale.reshape(-1, *([1] * (term.kernel.dim() - 1)))
+        replace_module(gm, border.target, term.with_kernel(kernel))
     bn_node.replace_all_uses_with(x)
     gm.graph.erase_node(bn_node)
     return producer.target

@@ -285,7 +285,9 @@ class Rewriter:
 
     def _add_border_term(self, node: fx.Node, conv: nn.Module, delta: torch.Tensor) -> None:
         kernel = delta.unsqueeze(1).to(conv.weight.dtype)  # (out, 1, *k)
-        border = BorderTerm(kernel, conv.stride, border_pad(conv), conv.dilation)
+        size = tensor_shape(node.args[0])  # the traced input's: the term is cached for it
+        size = size[2:] if size is not None else None
+        border = BorderTerm(kernel, conv.stride, border_pad(conv), conv.dilation, size)
         if not self.graph_edits:  # the caller puts it beside the user's conv
             self.borders[node.target] = border
             return
@@ -336,7 +338,7 @@ class Rewriter:
             return
         old = self.modules[node.target]
         kernel = old.kernel[torch.as_tensor(np.nonzero(keep)[0])].clone()
-        replace_module(self.gm, node.target, BorderTerm(kernel, old.stride, old.pad, old.dilation))
+        replace_module(self.gm, node.target, old.with_kernel(kernel))
 
     def rewrite_bn(self, node: fx.Node) -> None:
         keep = self.keep[node]

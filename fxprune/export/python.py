@@ -72,7 +72,11 @@ def _fetch(gm: nn.Module, target: str):
 def _constructor(name: str, module: nn.Module) -> str:
     if isinstance(module, BorderTerm):
         k = tuple(module.kernel.shape)
-        return f"BorderTerm(torch.zeros({k}), {module.stride}, {module.pad}, {module.dilation})"
+        size = module.size or None
+        return (
+            f"BorderTerm(torch.zeros({k}), {module.stride}, {module.pad}, {module.dilation}, "
+            f"{size})"
+        )
     if not type(module).__module__.startswith("torch.nn"):
         raise ExportError(f"cannot emit source for layer {name} ({type(module).__name__})")
     text = f"nn.{module!r}"
