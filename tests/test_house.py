@@ -57,14 +57,14 @@ class _NanTail(nn.Module):
 
 def test_planted_nan_fails_the_compile_gate(monkeypatch):
     analysed = pipeline.open_source("zoo:resnet20")
-    real_compile = pipeline.compile_model
+    real_compile = pipeline.stages.compile_model
 
     def poisoned(traced, options=None):
         result = real_compile(traced, options)
         result.gm = _NanTail(result.gm)
         return result
 
-    monkeypatch.setattr(pipeline, "compile_model", poisoned)
+    monkeypatch.setattr(pipeline.stages, "compile_model", poisoned)
     with pytest.raises(VerificationError, match="differs from the original by inf"):
         pipeline.compile_analysed(analysed)
     assert (
