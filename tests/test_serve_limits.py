@@ -145,7 +145,7 @@ def test_half_open_connections_are_closed(server, client):
 def test_artifact_with_broken_metadata_is_one_line(tmp_path):
     import torch
 
-    from fxprune.serve.server import load_artifact
+    from fxprune.serve.artifact import load_artifact
 
     scripted = torch.jit.script(torch.nn.Conv2d(3, 4, 1))
     for raw in ("{not json", "[1, 2]", '{"input_shape": [1, 3, 100000, 100000]}'):

@@ -24,7 +24,7 @@ from fxprune.serve.limits import (
 )
 
 if TYPE_CHECKING:
-    from fxprune.serve.server import Artifact
+    from fxprune.serve.artifact import Artifact
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

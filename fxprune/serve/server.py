@@ -36,7 +36,6 @@ import os
 import signal
 import socket
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,11 +43,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fxprune.errors import ExportError, FxpruneError, UsageError, describe
-from fxprune.export import METADATA_NAME
-from fxprune.export.metadata import quiet_torch
-from fxprune.load import check_input_shape
+from fxprune.errors import FxpruneError, UsageError
 from fxprune.serve import limits
+from fxprune.serve.artifact import Artifact, load_artifact
+from fxprune.serve.batching import Batcher
 from fxprune.serve.decode import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -60,7 +58,6 @@ from fxprune.serve.decode import (
     decode_request,
 )
 from fxprune.serve.limits import DecodePools
-from fxprune.verify import flatten_outputs
 
 ENV_CONFIG = "FXPRUNE_SERVE_CONFIG"  # how uvicorn worker processes get the config
 
@@ -109,199 +106,6 @@ def require_serve_extra() -> None:
         raise FxpruneError(
             f"fxprune serve needs {' and '.join(missing)}: pip install 'fxprune[serve]'"
         )
-
-
-# --------------------------------------------------------------------------- the artifact
-
-
-@dataclass
-class Artifact:
-    """A loaded TorchScript or .pt2 artifact with what the server needs to feed it."""
-
-    path: Path
-    format: str  # "torchscript" | "pt2"
-    module: Any
-    metadata: dict[str, Any]
-    input_shape: tuple[int, ...]  # (N, C, H, W) the artifact was exported with
-    fixed_batch: int | None  # None: any batch size; else inputs must come in chunks of it
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return self.input_shape[1:]
-
-    def run(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """All output tensors for the batch ``x`` (chunked for fixed-batch artifacts)."""
-        with torch.inference_mode():
-            if self.fixed_batch is None:
-                return flatten_outputs(self.module(x))
-            chunks = [flatten_outputs(self.module(c)) for c in x.split(self.fixed_batch)]
-            return [torch.cat(parts) for parts in zip(*chunks, strict=True)]
-
-
-def load_artifact(path: Path, input_shape: tuple[int, ...] | None = None) -> Artifact:
-    """Load ``path`` (.pt2 via torch.export, anything else as TorchScript) for serving.
-
-    The input shape comes from ``input_shape`` or the embedded metadata. A probe with
-    a batch of two tells whether the artifact accepts other batch sizes.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path}: no such artifact file (write one with fxprune compile)")
-    fmt = "pt2" if path.suffix == ".pt2" else "torchscript"
-    module, metadata = _load_pt2(path) if fmt == "pt2" else _load_torchscript(path)
-    if not (input_shape or metadata.get("input_shape")):
-        raise UsageError(f"{path} records no input shape (no fxprune.json): pass --input-shape")
-    shape = input_shape or check_input_shape(metadata["input_shape"], f"{path}'s input_shape")
-    pre = metadata.get("preprocessing") or {}
-    artifact = Artifact(path, fmt, module, metadata, shape, None)
-    artifact.mean = tuple(pre.get("mean", IMAGENET_MEAN))
-    artifact.std = tuple(pre.get("std", IMAGENET_STD))
-    artifact.fixed_batch = _probe_fixed_batch(artifact)
-    return artifact
-
-
-def _load_torchscript(path: Path) -> tuple[Any, dict[str, Any]]:
-    extra = {METADATA_NAME: ""}
-    try:
-        with quiet_torch():
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    except Exception as err:
-        raise ExportError(f"{path} is not a loadable TorchScript file: {describe(err)}") from None
-    raw = extra[METADATA_NAME]
-    raw = raw.decode() if isinstance(raw, bytes) else raw
-    return module.eval(), _metadata(path, raw)
-
-
-def _load_pt2(path: Path) -> tuple[Any, dict[str, Any]]:
-    extra = {METADATA_NAME: ""}
-    try:
-        program = torch.export.load(str(path), extra_files=extra)
-    except Exception as err:
-        raise ExportError(f"{path} is not a loadable torch.export file: {describe(err)}") from None
-    return program.module(), _metadata(path, extra[METADATA_NAME])
-
-
-def _metadata(path: Path, raw: str | bytes) -> dict[str, Any]:
-    """The embedded fxprune.json as a dict ({} when absent), or a one-line ExportError."""
-    try:
-        metadata = json.loads(raw) if raw else {}
-    except (ValueError, RecursionError) as err:
-        raise ExportError(
-            f"{path}: its {METADATA_NAME} is not valid JSON: {describe(err)}"
-        ) from None
-    if not isinstance(metadata, dict):
-        raise ExportError(f"{path}: its {METADATA_NAME} is not a JSON object")
-    return metadata
-
-
-def _probe_fixed_batch(artifact: Artifact) -> int | None:
-    """None if a batch of two equals two single runs, else the exported batch size."""
-    gen = torch.Generator().manual_seed(0)
-    base = torch.randn(artifact.input_shape, generator=gen)
-    try:
-        artifact.run(base)
-    except Exception as err:
-        raise ExportError(
-            f"{artifact.path} does not run on its input shape {artifact.input_shape}: "
-            f"{describe(err)}"
-        ) from None
-    pair = torch.randn((2, *artifact.sample_shape), generator=gen)
-    try:
-        together = artifact.run(pair)
-        alone = [torch.cat(parts) for parts in zip(*map(artifact.run, pair.split(1)), strict=True)]
-        same = all(
-            torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(together, alone, strict=True)
-        )
-    except Exception:  # static shapes (torch.export, traced views): keep the exported batch
-        same = False
-    return None if same else artifact.input_shape[0]
-
-
-# --------------------------------------------------------------------------- batching
-
-
-@dataclass
-class _Job:
-    inputs: torch.Tensor
-    future: asyncio.Future
-
-
-@dataclass
-class BatchStats:
-    requests: int = 0
-    batches: int = 0
-    largest_batch: int = 0
-
-
-class Batcher:
-    """One asyncio queue, one model thread: queued requests are run together up to
-    ``max_batch`` samples (a request larger than that runs alone)."""
-
-    def __init__(self, artifact: Artifact, max_batch: int) -> None:
-        self.artifact, self.max_batch = artifact, max_batch
-        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="fxprune-model")
-        self.stats = BatchStats()
-        self._carry: _Job | None = None
-
-    async def predict(self, inputs: torch.Tensor) -> list[torch.Tensor]:
-        job = _Job(inputs, asyncio.get_running_loop().create_future())
-        await self.queue.put(job)
-        return await job.future
-
-    async def run_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs = [self._carry or await self.queue.get()]
-            self._carry = None
-            size = len(jobs[0].inputs)
-            while not self.queue.empty():
-                job = self.queue.get_nowait()
-                if size + len(job.inputs) > self.max_batch:
-                    self._carry = job
-                    break
-                jobs.append(job)
-                size += len(job.inputs)
-            results = await loop.run_in_executor(self.executor, self._run, jobs)
-            for job, result in zip(jobs, results, strict=True):
-                if job.future.done():  # the client went away
-                    continue
-                if isinstance(result, BaseException):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
-            self.stats.batches += 1
-            self.stats.requests += len(jobs)
-            self.stats.largest_batch = max(self.stats.largest_batch, size)
-
-    def _run(self, jobs: list[_Job]) -> list[list[torch.Tensor] | BaseException]:
-        """Run the jobs as one batch; if that fails, alone, so one bad input fails alone."""
-        sizes = [len(job.inputs) for job in jobs]
-        try:
-            outputs = self.artifact.run(torch.cat([job.inputs for job in jobs]))
-            split = [out.split(sizes) for out in outputs]
-            return [[parts[i] for parts in split] for i in range(len(jobs))]
-        except Exception:
-            if len(jobs) == 1:
-                return [self._run_alone(jobs[0])]
-            return [self._run_alone(job) for job in jobs]
-
-    def _run_alone(self, job: _Job) -> list[torch.Tensor] | BaseException:
-        try:
-            return self.artifact.run(job.inputs)
-        except Exception as err:
-            return RuntimeError(f"the model failed on this input: {describe(err)}")
-
-    def close(self) -> None:
-        pending = [self._carry] if self._carry else []
-        while not self.queue.empty():
-            pending.append(self.queue.get_nowait())
-        for job in pending:
-            if not job.future.done():
-                job.future.set_exception(RuntimeError("server is shutting down"))
-        self.executor.shutdown(wait=True)
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -489,8 +293,6 @@ def _serve_workers(config: ServeConfig, options: dict, artifact: Artifact, on_re
 
 __all__ = [
     "Artifact",
-    "BatchStats",
-    "Batcher",
     "ENV_CONFIG",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
