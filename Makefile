@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ista_overhead.py
 	$(BIN)/python benchmarks/paper_digits.py --jobs 2
 	$(BIN)/python benchmarks/vs_torch_pruning.py
+	$(BIN)/python benchmarks/scaling.py
 	$(BIN)/python benchmarks/cli_wall.py
 	# fxprune (compile and in place) and Torch-Pruning on torchvision, timm, Ultralytics and
 	# transformers: 154 models, ~40 min with 2 jobs on a 2-core machine shared with others

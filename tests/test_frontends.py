@@ -198,3 +198,54 @@ def test_cli_compiles_library_models(tmp_path, factory, package):
     if factory == "yolov8n":  # the trace JSON is the only thing on stdout
         traced = fxprune("trace", f"frontend_models:{factory}", "--format", "json", cwd=tmp_path)
         assert json.loads(traced.stdout)["frontend"] == "export"
+
+
+class FunctionalActivations(nn.Module):
+    """Activations called as functions, each with its own arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.conv(x)))
+        y = nn.functional.gelu(y, approximate="tanh") + nn.functional.silu(y, inplace=False)
+        y = nn.functional.leaky_relu(y, 0.2) * torch.sigmoid(y)
+        return nn.functional.hardswish(nn.functional.relu6(y, inplace=True)).flatten(1)
+
+
+@pytest.mark.parametrize(
+    "source", ["zoo:resnet20", "torchvision:mobilenet_v3_small", FunctionalActivations]
+)
+def test_shape_formulas_equal_the_meta_kernels(source, monkeypatch):
+    """Shapes by formula (layers, broadcasting, elementwise functions) are the meta
+    kernels' own: every node's shape and dtype, propagated both ways."""
+    import torchvision
+
+    from fxprune import zoo
+    from fxprune.trace import shapes
+
+    if isinstance(source, str):
+        library, _, name = source.partition(":")
+        model = zoo.create_model(name) if library == "zoo" else getattr(torchvision.models, name)()
+        x = torch.randn(1, 3, 64, 64) if library == "torchvision" else torch.randn(1, 3, 32, 32)
+    else:
+        model, x = source(), torch.randn(2, 3, 16, 16)
+    traced = trace_model(model.eval(), x).gm
+
+    def found():
+        metas = {n.name: n.meta.get("tensor_meta") for n in traced.graph.nodes}
+        return {k: (tuple(m.shape), m.dtype) for k, m in metas.items() if hasattr(m, "shape")}
+
+    used = []
+    for formula in ("binary_output", "unary_output", "layer_output"):
+        real = getattr(shapes, formula)
+        monkeypatch.setattr(shapes, formula, lambda *a, f=real: used.append(f(*a)) or used[-1])
+    shapes.propagate_shapes(traced, x)
+    by_formula = found()
+    assert sum(u is not None for u in used) > 3  # the formulas did the work
+    for formula in ("binary_output", "unary_output", "layer_output"):
+        monkeypatch.setattr(shapes, formula, lambda *args: None)
+    shapes.propagate_shapes(traced, x)
+    assert by_formula == found() and len(by_formula) > 5

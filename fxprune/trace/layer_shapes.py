@@ -11,13 +11,22 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["binary_output", "layer_output"]
+__all__ = ["binary_output", "layer_output", "unary_output"]
 
 _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
            torch.mul}  # fmt: skip
+
+
+# Elementwise functions whose output has their input's shape and dtype; the keyword
+# arguments each may take (none of which changes the shape)
+_UNARY = {torch.relu: (), torch.sigmoid: (), torch.tanh: (), F.relu: ("inplace",),
+          F.relu6: ("inplace",), F.silu: ("inplace",), F.hardswish: ("inplace",),
+          F.hardsigmoid: ("inplace",), F.gelu: ("approximate",), F.sigmoid: (),
+          F.leaky_relu: ("negative_slope", "inplace"), F.mish: ("inplace",)}  # fmt: skip
 
 
 def _plain(x) -> bool:
@@ -74,3 +83,19 @@ def binary_output(target, args: tuple, kwargs: dict) -> torch.Tensor | None:
     except RuntimeError:
         return None
     return a.new_empty(shape)
+
+
+def unary_output(target, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """`torch.relu(x)`, `F.silu(x, inplace=True)`, ... (`_UNARY`) of one plain floating
+    meta tensor, the other arguments plain numbers or flags, as an empty meta tensor
+    of its shape (the meta kernels of these run through Python references that cost
+    a millisecond a call); None for anything else."""
+    allowed = _UNARY.get(target)
+    if allowed is None or not args or any(k not in allowed for k in kwargs):
+        return None
+    x, rest = args[0], args[1:]
+    if not _plain(x) or not x.dtype.is_floating_point or len(rest) > len(allowed):
+        return None
+    if any(not isinstance(v, (bool, int, float, str)) for v in (*rest, *kwargs.values())):
+        return None
+    return torch.empty_like(x)

@@ -13,7 +13,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from fxprune.errors import TraceError, first_line
-from fxprune.trace.layer_shapes import binary_output, layer_output
+from fxprune.trace.layer_shapes import binary_output, layer_output, unary_output
 from fxprune.trace.run import run_graph
 
 # Modules whose output has exactly their input's shape, dtype and layout: on the
@@ -91,7 +91,10 @@ class _ShapeRecorder:
         return self.meta_modules[target](*args, **kwargs)
 
     def call_function(self, target, args: tuple, kwargs: dict):
-        formula = binary_output(target, args, kwargs) if self.on_meta else None
+        formula = None
+        if self.on_meta:
+            formula = binary_output(target, args, kwargs)
+            formula = unary_output(target, args, kwargs) if formula is None else formula
         return target(*args, **kwargs) if formula is None else formula
 
     def get_attr(self, target: str, value):
