@@ -25,6 +25,11 @@ from fxprune.compile.rewrite import Rewriter
 from fxprune.errors import CheckpointError, UsageError
 from fxprune.trace import Traced, propagate_shapes
 
+try:  # a GraphModule that generates its code when first called (torch >= 2.3)
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _DeferredCode
+except ImportError:  # pragma: no cover - older torch: code generated at once
+    _DeferredCode = fx.GraphModule
+
 ABSORB_MODES = ("exact", "bias")
 
 
@@ -88,9 +93,10 @@ def compile_model(
     notes += rewriter.notes
     gm.graph.lint()
     eliminate_dead_code(gm)
-    gm.delete_all_unused_submodules()
     drop_type_annotations(gm)
-    gm.recompile()
+    # a plain GraphModule holding only the modules and tensors the graph uses; its code
+    # is generated here, once (the working copy never generated any)
+    gm = fx.GraphModule(gm, gm.graph, gm.__class__.__name__)
     for node in gm.graph.nodes:  # structure changed: the old analysis is stale
         node.meta.pop("channels", None)
         node.meta.pop("channel_rule", None)
@@ -119,12 +125,16 @@ def working_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A new GraphModule over a copy of `gm`'s graph (node.meta copied, names kept)
     that shares `gm`'s modules and tensors: nothing is copied that the rewriter
     does not replace, and `gm` itself is never changed. A model with modules in
-    training mode is deep-copied and put in eval mode instead."""
+    training mode is deep-copied and put in eval mode instead.
+
+    The copy's code is generated only if it is called: the compiler reads and edits
+    its graph and ends with a new GraphModule (generating code costs as much as
+    tracing)."""
     if any(module.training for module in gm.modules()):
         return copy.deepcopy(gm).eval()
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
-    clone = fx.GraphModule(gm, graph, type(gm).__name__)
+    clone = _DeferredCode(gm, graph, type(gm).__name__)
     clone.training = False
     return clone
 
