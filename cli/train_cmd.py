@@ -82,7 +82,8 @@ def train_command(
         str | None,
         typer.Option(
             help="ISTA strength ρ, or a schedule 0.0002:30000,0.001 (ρ until step 30000, "
-            "then 0.001; 0.0002:5ep,0.001 by epochs); default: CE = ρ·lasso on the first batch."
+            "then 0.001; 0.0002:5ep,0.001 by epochs); default: ρ·lasso = the first batch's CE, "
+            "at least ln(classes)."
         ),
     ] = None,
     optimizer: Annotated[
@@ -102,7 +103,8 @@ def train_command(
     alpha: Annotated[
         float | None,
         typer.Option(
-            help="γ–W rescaling factor α (1: off); default: rescaled γ ≈ 100·μ·λ·ρ (the paper)."
+            help="γ–W rescaling factor α (1: off); default: rescaled γ ≈ 100·μ·λ·ρ (the paper), "
+            "at least 0.1."
         ),
     ] = None,
     group_ista: Annotated[

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +25,18 @@ from fxprune.trace import trace_model
 from fxprune.train import TrainConfig, train
 from fxprune.train.data import load_data
 from fxprune.train.ista import penalty_targets
-from fxprune.train.procedure import RhoSchedule, plateaued, recalibrate_batchnorm
+from fxprune.train.procedure import (
+    ALPHA_FLOOR,
+    RhoSchedule,
+    choose_alpha,
+    loss_scale,
+    plateaued,
+    recalibrate_batchnorm,
+)
 
 torch.set_num_threads(2)
+TESTS = Path(__file__).parent
+EXE = shutil.which("fxprune", path=str(Path(sys.executable).parent)) or "fxprune"
 
 
 def test_rho_schedule_by_steps_and_epochs():
@@ -187,3 +203,79 @@ def test_recalibrate_batchnorm_with_no_batches_keeps_statistics():
     assert recalibrate_batchnorm(model, []) == 0
     for a, b in zip(before, model.buffers(), strict=True):
         assert torch.equal(a, b)
+
+
+# The ConvNet's magnitudes: mean |γ| 1, mean λ 5, Σλ|γ| 4000, μ 0.05, 10 classes.
+CONVNET = {"gamma_mean": 1.0, "lam_mean": 5.0, "lasso_sum": 4000.0, "lr": 0.05}
+
+
+def test_choose_alpha_from_trained_weights_uses_the_from_scratch_scale():
+    """Trained weights give a first-batch cross-entropy near 0 (the ConvNet at 99.5 %:
+    0.009). Weighed against it, α was √(100·0.05·5·0.009/4000) = 0.0075 and ISTA
+    diverged; the loss scale ln 10 gives what a fresh model gets."""
+    fresh = choose_alpha(**CONVNET, ce=2.4, rho=None, num_classes=10)
+    assert fresh == pytest.approx(math.sqrt(100 * 0.05 * 5 * 2.4 / 4000))  # unchanged
+    trained = choose_alpha(**CONVNET, ce=0.009, rho=None, num_classes=10)
+    assert trained == choose_alpha(**CONVNET, ce=math.log(10), rho=None, num_classes=10)
+    assert trained == pytest.approx(0.12, abs=0.005) and trained > 15 * 0.0075
+    assert loss_scale(0.009, 10) == math.log(10) and loss_scale(3.0, 10) == 3.0
+
+
+def test_choose_alpha_stays_in_floor_to_one():
+    wide = {**CONVNET, "lasso_sum": 1e7}  # many channels: the solved α would be 0.002
+    assert choose_alpha(**wide, ce=2.3, rho=None, num_classes=10) == ALPHA_FLOOR
+    assert choose_alpha(**CONVNET, ce=2.3, rho=1e-6, num_classes=10) == ALPHA_FLOOR
+    assert choose_alpha(**CONVNET, ce=2.3, rho=0.002, num_classes=10) == pytest.approx(
+        max(ALPHA_FLOOR, 100 * 0.05 * 5 * 0.002)
+    )
+    assert choose_alpha(**CONVNET, ce=1e4, rho=None, num_classes=10) == 1.0
+    for nothing in ({"rho": 0.0, "ce": 2.3}, {"rho": None, "ce": math.nan}):
+        assert choose_alpha(**CONVNET, **nothing, num_classes=10) == 1.0
+    assert choose_alpha(**{**CONVNET, "lasso_sum": 0.0}, ce=2.3, rho=None, num_classes=10) == 1.0
+
+
+def test_explicit_rho_and_alpha_win_over_the_automatic_ones(tmp_path):
+    loaded = load_source("zoo:resnet20")
+    data = load_data("synthetic", train_size=64, test_size=32, batch_size=32, image_size=16)
+    traced = trace_model(loaded.module, torch.randn(1, 3, 16, 16))
+    analysis = analyse(traced.gm)
+    for rho, alpha in ((1e-3, 0.05), (None, None)):
+        config = TrainConfig(epochs=1, batch_size=32, mode="ista", rho=rho, alpha=alpha)
+        result = train(copy.deepcopy(loaded.module), data, config, gm=traced.gm,
+                       analysis=analysis, out_path=None)  # fmt: skip
+        record = result.history[0]
+        if rho is None:  # chosen: α in [floor, 1], ρ > 0
+            assert ALPHA_FLOOR <= record["alpha"] <= 1 and record["rho"] > 0
+        else:  # given: kept, even below the automatic floor
+            assert (record["rho"], record["alpha"]) == (rho, alpha)
+
+
+def fxprune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(TESTS))  # cli_models:NAME
+    result = subprocess.run(
+        [EXE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_default_ista_from_trained_weights_keeps_its_accuracy(tmp_path):
+    """`fxprune train TRAINED.pt --mode ista` with the automatic ρ and α, through the
+    installed command. The base reaches ~99.7 % (cross-entropy 0.017); weighed against
+    that, α was 0.013-0.015 and ISTA fell to chance (9 %, ce 13 in epoch 1; 47 % with
+    seed 0). Now 96-98 % with 12 % of the γ already zero after 2 epochs."""
+    pytest.importorskip("sklearn")
+    data = ["--data", "sklearn-digits", "--image-size", "16", "--batch-size", "32"]
+    fxprune("train", "cli_models:mini_convnet", *data, "--mode", "none", "--epochs", "5",
+            "--out", "base.pt", cwd=tmp_path)  # fmt: skip
+    base = json.loads((tmp_path / "base.jsonl").read_text().splitlines()[-1])
+    assert base["accuracy"] >= 0.95 and base["ce"] < 0.05, base  # really trained
+    ista = ["--mode", "ista", "--epochs", "2", "--seed", "1", "--out", "ista.pt"]
+    done = fxprune("train", "base.pt", "--arch", "cli_models:mini_convnet", *data, *ista,
+                   cwd=tmp_path)  # fmt: skip
+    history = [json.loads(line) for line in (tmp_path / "ista.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["ce"]) and r["ce"] < 1.0 for r in history), history
+    assert min(r["accuracy"] for r in history) >= 0.85, history
+    assert history[-1]["sparsity"] > 0 and history[0]["alpha"] >= ALPHA_FLOOR
+    alpha, rho = history[0]["alpha"], history[0]["rho"]
+    assert f"α {alpha:.3g}" in done.stderr and f"ρ {rho:.3g}" in done.stderr  # printed

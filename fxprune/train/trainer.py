@@ -64,6 +64,7 @@ from fxprune.train.procedure import (
     ParameterEma,
     RhoSchedule,
     choose_alpha,
+    loss_scale,
     plateaued,
     recalibrate_batchnorm,
 )
@@ -78,10 +79,11 @@ SNAPSHOT_CHECK_EVERY = 10  # steps between sparsity checks for snapshots
 @dataclass
 class TrainConfig:
     """How to train. `rho=None` picks ρ on the first batch so that ρ·lasso equals
-    the cross-entropy (`suggest_rho`); a string is a `RhoSchedule`
-    ("0.0002:30000,0.001"). `schedule="auto"` is a constant lr under ISTA (the
-    prox threshold lr·ρ·λ must not decay away, as in the paper) and cosine
-    otherwise. `ema` evaluates (and ends with) an EMA of the weights;
+    the cross-entropy, or ln(classes) if larger (`suggest_rho`, `loss_scale`); a
+    string is a `RhoSchedule` ("0.0002:30000,0.001"). `alpha=None` picks α by
+    `choose_alpha` (never below its ALPHA_FLOOR). `schedule="auto"` is a constant
+    lr under ISTA (the prox threshold lr·ρ·λ must not decay away, as in the paper)
+    and cosine otherwise. `ema` evaluates (and ends with) an EMA of the weights;
     `until_plateau` stops before `epochs` once cross-entropy, sparsity and the
     lasso term are flat (`fxprune.train.procedure.plateaued`). `sparsity` is
     slimming's final target. `recalibrate` train batches re-estimate the BatchNorm
@@ -463,12 +465,14 @@ class Trainer:
 
     # -- mode hooks ----------------------------------------------------------
     def _auto_rho(self, loss: torch.Tensor) -> None:
-        """ρ from the first batch: cross-entropy and ρ·lasso of the same magnitude."""
+        """ρ from the first batch: ρ·lasso equal to its cross-entropy, or to ln(classes)
+        if that is larger (`loss_scale`: trained weights start near 0)."""
         ce = loss.detach().clone()
         if self.world > 1:
             dist.all_reduce(ce)
             ce /= self.world
-        self.optimizer.rho = suggest_rho(float(ce), lasso_term(self.model, self.targets))
+        scale = loss_scale(float(ce), self.data.num_classes)
+        self.optimizer.rho = suggest_rho(scale, lasso_term(self.model, self.targets))
         self.pending_rho = False
 
     def _auto_alpha(self) -> float:
@@ -488,7 +492,7 @@ class Trainer:
         rho = self.rho_schedule.at(0, 0) if self.rho_schedule else None
         return choose_alpha(gamma_mean=float(gammas.mean()), lam_mean=float(lam.mean()),
                             lasso_sum=lasso_term(self.model, self.targets), ce=float(ce),
-                            lr=self.cfg.lr, rho=rho)  # fmt: skip
+                            lr=self.cfg.lr, rho=rho, num_classes=self.data.num_classes)  # fmt: skip
 
     def _slimming_subgradient(self) -> None:
         with torch.no_grad():
