@@ -104,7 +104,7 @@ def train_command(
         float | None,
         typer.Option(
             help="γ–W rescaling factor α (1: off); default: rescaled γ ≈ 100·μ·λ·ρ (the paper), "
-            "at least 0.1."
+            "at least 0.1 when ρ is automatic too."
         ),
     ] = None,
     group_ista: Annotated[

@@ -224,9 +224,12 @@ def test_choose_alpha_from_trained_weights_uses_the_from_scratch_scale():
 def test_choose_alpha_stays_in_floor_to_one():
     wide = {**CONVNET, "lasso_sum": 1e7}  # many channels: the solved α would be 0.002
     assert choose_alpha(**wide, ce=2.3, rho=None, num_classes=10) == ALPHA_FLOOR
-    assert choose_alpha(**CONVNET, ce=2.3, rho=1e-6, num_classes=10) == ALPHA_FLOOR
+    # a given ρ sets the scale: α follows the formula, below the floor too
+    assert choose_alpha(**CONVNET, ce=2.3, rho=1e-6, num_classes=10) == pytest.approx(
+        100 * 0.05 * 5 * 1e-6
+    )
     assert choose_alpha(**CONVNET, ce=2.3, rho=0.002, num_classes=10) == pytest.approx(
-        max(ALPHA_FLOOR, 100 * 0.05 * 5 * 0.002)
+        100 * 0.05 * 5 * 0.002
     )
     assert choose_alpha(**CONVNET, ce=1e4, rho=None, num_classes=10) == 1.0
     for nothing in ({"rho": 0.0, "ce": 2.3}, {"rho": None, "ce": math.nan}):

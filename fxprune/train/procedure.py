@@ -11,7 +11,7 @@
   penalised epoch (see its docstring for why ISTA needs it).
 - `choose_alpha`: the γ–W rescaling factor of the paper's advice, rescaled γ
   around 100·μ·λ·ρ, so a channel the data does not need reaches zero in about
-  100 steps, never below ALPHA_FLOOR.
+  100 steps, never below ALPHA_FLOOR when ρ is chosen too.
 - `loss_scale`: the cross-entropy the automatic ρ and α are weighed against,
   at least ln(classes) so that trained weights get the same scale as a fresh model.
 """
@@ -201,19 +201,21 @@ def choose_alpha(
     *, gamma_mean: float, lam_mean: float, lasso_sum: float, ce: float, lr: float,
     rho: float | None, num_classes: int,
 ) -> float:  # fmt: skip
-    """α in [ALPHA_FLOOR, 1] that puts the mean rescaled γ at PROX_STEPS·μ·λ̄·ρ.
+    """α ≤ 1 that puts the mean rescaled γ at PROX_STEPS·μ·λ̄·ρ.
 
-    With a given ρ that is α = 100·μ·λ̄·ρ/γ̄. With ρ chosen by the trainer
-    (ρ = L/(α·Σλ|γ|) once rescaled, L = `loss_scale(ce, num_classes)`) both are
-    solved together: α = √(100·μ·λ̄·L/(γ̄·Σλ|γ|)). Either is clamped to
-    [ALPHA_FLOOR, 1]; a smaller α must be asked for (``--alpha``). Returns 1 (no
-    rescaling) when there is nothing to penalise, ρ = 0 or `ce` is not finite.
+    With a given ρ that is α = 100·μ·λ̄·ρ/γ̄ (the user chose the scale: kept as
+    the formula gives it). With ρ chosen by the trainer (ρ = L/(α·Σλ|γ|) once
+    rescaled, L = `loss_scale(ce, num_classes)`) both are solved together,
+    α = √(100·μ·λ̄·L/(γ̄·Σλ|γ|)), and kept in [ALPHA_FLOOR, 1]; a smaller α must
+    be asked for (``--alpha``). Returns 1 (no rescaling) when there is nothing to
+    penalise, ρ = 0 or `ce` is not finite.
     """
     if gamma_mean <= 0 or lasso_sum <= 0 or not math.isfinite(ce):
         return 1.0
     if rho is None:
         scale = loss_scale(ce, num_classes)
         alpha = math.sqrt(PROX_STEPS * lr * lam_mean * scale / (gamma_mean * lasso_sum))
+        alpha = max(ALPHA_FLOOR, alpha)
     else:
         alpha = PROX_STEPS * lr * lam_mean * rho / gamma_mean
-    return min(1.0, max(ALPHA_FLOOR, alpha)) if alpha > 0 else 1.0
+    return min(1.0, alpha) if alpha > 0 else 1.0
