@@ -145,3 +145,16 @@ def test_verification_inputs_never_repeat_the_example():
     assert not any(torch.equal(example, x) for x in inputs[1:])
     assert not torch.equal(inputs[1], inputs[2])
     assert verification_inputs(example, 0) == []
+
+
+def test_seed_draws_the_initial_weights_of_a_built_model():
+    """`--seed` covers a registry model's random init too (it did only the example),
+    and loading leaves the caller's global random state alone."""
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    first, again = pipeline.load_model("zoo:convnet"), pipeline.load_model("zoo:convnet")
+    assert torch.equal(torch.rand(1), before)
+    other = pipeline.load_model("zoo:convnet", seed=1)
+    weights = [m.module.state_dict()["features.0.weight"] for m in (first, again, other)]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
