@@ -36,7 +36,7 @@ _IN_PROCESS = r"""
 import json, sys, time, warnings
 warnings.filterwarnings("ignore")
 import torch, torchvision  # noqa: F401  (imports are not the compile)
-import fxprune.pipeline as pipeline
+import fxprune.pipeline.stages as pipeline  # where compile_analysed looks them up
 source, sparsity = sys.argv[1], float(sys.argv[2])
 spent = {"compiler": 0.0}
 def timed(function):  # the compiler's own steps inside compile_analysed

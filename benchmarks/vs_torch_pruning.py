@@ -132,6 +132,15 @@ def latency(model: nn.Module, x: torch.Tensor, repeats: int = 10) -> float:
     return statistics.median(times)
 
 
+def warm_up(size: int) -> None:
+    """One untimed run of each side on resnet18: first calls (lazy imports, kernel
+    selection, caches) would otherwise land on the first model of the table."""
+    shape = (1, 3, size, size)
+    model, x = zeroed_model("resnet18", shape), torch.randn(shape)
+    timed(fxprune_prune, model, x)
+    timed(tp_prune, model, x)
+
+
 def compare(name: str, repeats: int, size: int) -> list:
     shape = input_shape(name, size)
     x = torch.randn(shape)
@@ -165,6 +174,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    warm_up(args.size)
     rows = [compare(name, args.repeats, args.size) for name in args.models.split(",")]
     headers = ["model", "fxprune s", "Torch-Pruning s", "ratio fx/TP", "fxprune error",
                "TP error", "fxprune ms (b1)", "TP ms (b1)"]  # fmt: skip
