@@ -194,6 +194,9 @@ def onnx_session(module, x: torch.Tensor):
     torch.onnx.export(module, (x,), buffer, dynamo=False, opset_version=18)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the same threads as torch's
+    # no busy-waiting between runs: its spinning threads would take the cores from the
+    # next model timed in this process (2-thread runs were slower than 1-thread ones)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(
         buffer.getvalue(), options, providers=["CPUExecutionProvider"]
     )

@@ -13,16 +13,14 @@ keeps ms per block flat as N grows.
 from __future__ import annotations
 
 import argparse
-import statistics
 import warnings
 
 import torch
 from tabulate import tabulate
 from torch import nn
-from vs_torch_pruning import fxprune_prune, output_error, timed, tp_prune
+from vs_torch_pruning import apply_zeros, output_error, side_by_side
 
-from fxprune.pipeline import loaded_module, open_module
-from fxprune.testing import randomize_batchnorm, zero_random
+from fxprune.testing import randomize_batchnorm
 from fxprune.verify import run_model
 
 warnings.filterwarnings("ignore")
@@ -59,18 +57,9 @@ def chain(blocks: int) -> nn.Module:
 
 def compare(blocks: int, repeats: int) -> list:
     x = torch.randn(1, 3, SIZE, SIZE)
-    model = chain(blocks)
-    analysed = open_module(loaded_module(model, x))
-    zero_random(analysed.traced.gm, 0.5, seed=0)
-    model.load_state_dict(analysed.traced.gm.state_dict(), strict=False)
+    model = apply_zeros(chain(blocks), x)
     expected = run_model(model, x)
-    fx_times, tp_times = [], []
-    for _ in range(repeats):  # interleaved: load on a shared machine hits both sides alike
-        fx_s, fx_model = timed(fxprune_prune, model, x)
-        tp_s, tp_model = timed(tp_prune, model, x)
-        fx_times.append(fx_s)
-        tp_times.append(tp_s)
-    fx_s, tp_s = statistics.median(fx_times), statistics.median(tp_times)
+    fx_s, fx_model, tp_s, tp_model = side_by_side(model, x, repeats)
     tp_col = f"failed: {type(tp_model).__name__}" if isinstance(tp_model, Exception) else tp_s
     return [blocks, fx_s, 1e3 * fx_s / blocks, tp_col, 1e3 * tp_s / blocks, fx_s / tp_s,
             output_error(expected, fx_model, x)]  # fmt: skip

@@ -74,7 +74,12 @@ def zeroed_model(name: str, shape: tuple[int, ...]) -> nn.Module:
     """A model with random BN statistics and fxprune's zero pattern."""
     model = build(name)
     randomize_batchnorm(model)
-    analysed = open_module(loaded_module(model, torch.randn(shape)))
+    return apply_zeros(model, torch.randn(shape))
+
+
+def apply_zeros(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """`model` with half of every prunable group's γ zeroed (fxprune's test pattern)."""
+    analysed = open_module(loaded_module(model, x))
     zero_random(analysed.traced.gm, 0.5, seed=0)
     model.load_state_dict(analysed.traced.gm.state_dict(), strict=False)
     return model
@@ -132,6 +137,20 @@ def latency(model: nn.Module, x: torch.Tensor, repeats: int = 10) -> float:
     return statistics.median(times)
 
 
+def side_by_side(model: nn.Module, x: torch.Tensor, repeats: int) -> tuple:
+    """(fxprune s, its model, Torch-Pruning s, its model or exception): medians of
+    `repeats` runs, the two sides alternating (load on a shared machine hits both)."""
+    fx_times, tp_times = [], []
+    for _ in range(repeats):
+        fx_s, fx_model = timed(fxprune_prune, model, x)
+        tp_s, tp_model = timed(tp_prune, model, x)
+        fx_times.append(fx_s)
+        tp_times.append(tp_s)
+        if isinstance(tp_model, Exception):
+            break  # the time until Torch-Pruning fails is a lower bound of its time
+    return statistics.median(fx_times), fx_model, statistics.median(tp_times), tp_model
+
+
 def warm_up(size: int) -> None:
     """One untimed run of each side on resnet18: first calls (lazy imports, kernel
     selection, caches) would otherwise land on the first model of the table."""
@@ -146,15 +165,7 @@ def compare(name: str, repeats: int, size: int) -> list:
     x = torch.randn(shape)
     model = zeroed_model(name, shape)
     expected = run_model(model, x)
-    fx_times, tp_times = [], []
-    for _ in range(repeats):  # interleaved: load on a shared machine hits both sides alike
-        fx_s, fx_model = timed(fxprune_prune, model, x)
-        tp_s, tp_model = timed(tp_prune, model, x)
-        fx_times.append(fx_s)
-        tp_times.append(tp_s)
-        if isinstance(tp_model, Exception):
-            break  # the time until Torch-Pruning fails is a lower bound of its time
-    fx_s, tp_s = statistics.median(fx_times), statistics.median(tp_times)
+    fx_s, fx_model, tp_s, tp_model = side_by_side(model, x, repeats)
     ratio = f"{fx_s / tp_s:.3g}"
     fx_err, fx_ms = output_error(expected, fx_model, x), 1000 * latency(fx_model, x)
     if isinstance(tp_model, Exception):
