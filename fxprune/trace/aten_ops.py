@@ -58,6 +58,10 @@ _SAME_ARGS: dict[object, Callable] = {
     aten.mean.dim: torch.mean,
     aten.sum.dim_IntList: torch.sum,
     aten.amax.default: torch.amax,
+    aten.select.int: torch.select,
+    aten.softmax.int: torch.softmax,
+    aten.stack.default: torch.stack,
+    aten.meshgrid.indexing: torch.meshgrid,
     aten.narrow.default: torch.narrow,
     aten.adaptive_avg_pool1d.default: F.adaptive_avg_pool1d,
     aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
@@ -85,6 +89,7 @@ _METHODS = {
     aten.contiguous.default: "contiguous",
     aten.clone.default: "clone",
     aten.type_as.default: "type_as",
+    aten.item.default: "item",
     aten.add_.Tensor: "add_",
     aten.mul_.Tensor: "mul_",
 }
@@ -156,6 +161,38 @@ def _expand(node: fx.Node) -> bool:
     return True
 
 
+def _factory_kwargs(kw: dict) -> dict | None:
+    """The dtype/device keywords of a tensor factory, the ones at their default left
+    out (`pin_memory=False`, strided layout); None when one is not a default."""
+    if kw.get("pin_memory") or kw.get("layout") not in (None, torch.strided):
+        return None
+    out = {k: kw[k] for k in ("dtype", "device") if kw.get(k) is not None}
+    if isinstance(out.get("device"), torch.device):  # printed as a string TorchScript reads
+        out["device"] = str(out["device"])
+    return out
+
+
+def _arange(node: fx.Node) -> bool:
+    """`aten.arange.default(end, device=..., pin_memory=False)` -> `torch.arange(end, ...)`."""
+    kw = _kwargs(node)
+    extra = _factory_kwargs(kw) if kw is not None else None
+    if extra is None:
+        return False
+    _set(node, torch.arange, (kw["end"],), extra)
+    return True
+
+
+def _new_full(node: fx.Node) -> bool:
+    """`aten.new_full.default(x, size, fill, dtype=...)` -> `x.new_full(size, fill, ...)`."""
+    kw = _kwargs(node)
+    extra = _factory_kwargs(kw) if kw is not None else None
+    if extra is None:
+        return False
+    node.op = "call_method"
+    _set(node, "new_full", (kw["input"], kw["size"], kw["fill_value"]), extra)
+    return True
+
+
 def _set(node: fx.Node, target, args: tuple, kwargs: dict) -> None:
     node.target, node.args, node.kwargs = target, args, kwargs
 
@@ -171,6 +208,8 @@ _SPECIAL: dict[object, Callable[[fx.Node], bool]] = {
     aten.upsample_bilinear2d.vec: _upsample,
     aten.slice.Tensor: _slice,
     aten.expand.default: _expand,
+    aten.arange.default: _arange,
+    aten.new_full.default: _new_full,
     **{op: _in_place for op in _IN_PLACE},
 }
 
