@@ -189,6 +189,14 @@ def compile_cmd(
     fuse: Annotated[
         bool, typer.Option("--fuse/--no-fuse", help="Fold BatchNorms into convs in the artifact")
     ] = True,
+    channels_last: Annotated[
+        bool,
+        typer.Option(
+            "--channels-last",
+            help="Store the artifact's conv weights channels-last (faster oneDNN convs on CPU, "
+            "same outputs; 4-D outputs come back channels-last too)",
+        ),
+    ] = False,
     round_to: Annotated[
         int, typer.Option("--round-to", help="Keep every layer's width a multiple of N")
     ] = 1,
@@ -230,7 +238,8 @@ def compile_cmd(
         source=source, out=out, weights=weights, input_shape=parse_input_shape(input_shape),
         submodule=submodule, threshold=threshold, sparsity=sparsity, absorb=absorb,
         emit_py=emit_py, save_checkpoint=save_checkpoint, report_json=report,
-        trust_pickle=trust_pickle, force=force, verify=verify, fuse=fuse, round_to=round_to,
+        trust_pickle=trust_pickle, force=force, verify=verify, fuse=fuse,
+        channels_last=channels_last, round_to=round_to,
         frontend=frontend, pt2_fallback=pt2_fallback,
         min_width=min_width, allow_constant=allow_constant, arch=arch,
         **({} if min_keep is None else {"min_keep": min_keep}),

@@ -6,6 +6,7 @@ traceback, and every existing file left byte-identical.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -134,6 +135,26 @@ def test_model_without_batchnorm_exits_zero_with_explanation(work):
     result = fxprune("trace", "cli_models:no_batchnorm", cwd=work)
     assert result.returncode == 0, result.stderr
     assert "prunable" in result.stdout
+
+
+def test_channels_last_artifact_stores_weights_channels_last_with_the_same_outputs(work):
+    """`--channels-last`: every 4-D weight of the (folded) artifact is stored
+    channels-last, and it computes what the default artifact computes."""
+    common = ("compile", "zoo:resnet20", "--sparsity", "0.5", "--report")
+    last = fxprune(*common, "cl.json", "--channels-last", "--out", "cl.ts", cwd=work)
+    plain = fxprune(*common, "plain.json", "--out", "plain.ts", cwd=work)
+    assert last.returncode == 0 and plain.returncode == 0, last.stderr + plain.stderr
+    notes = json.loads((work / "cl.json").read_text())["notes"]
+    assert "4-D weights stored channels-last" in notes
+    cl, default = (torch.jit.load(str(work / f"{n}.ts")) for n in ("cl", "plain"))
+    weights = [p for p in cl.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    kxk = [p for p in default.parameters() if p.dim() == 4 and p.shape[2:] != (1, 1)]
+    assert not any(p.is_contiguous(memory_format=torch.channels_last) for p in kxk)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = cl(x), default(x)
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
 
 
 def test_compile_end_to_end_and_debug_traceback(work):
