@@ -67,10 +67,10 @@ class BorderTerm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = list(x.shape[2:])
         if (
-            size == self.size
+            not torch.jit.is_tracing()  # first: a traced size comparison warns
+            and size == self.size
             and self.cached.dtype == x.dtype
             and self.cached.device == x.device
-            and not torch.jit.is_tracing()
         ):
             return self.cached
         return self.term(size, x.dtype, x.device)

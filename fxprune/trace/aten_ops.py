@@ -161,36 +161,35 @@ def _expand(node: fx.Node) -> bool:
     return True
 
 
-def _factory_kwargs(kw: dict) -> dict | None:
-    """The dtype/device keywords of a tensor factory, the ones at their default left
-    out (`pin_memory=False`, strided layout); None when one is not a default."""
-    if kw.get("pin_memory") or kw.get("layout") not in (None, torch.strided):
+def _factory(node: fx.Node) -> tuple[dict, dict] | None:
+    """A tensor factory's normalised arguments and the dtype/device keywords to keep
+    (the ones at their default, `pin_memory=False` and strided layout, left out);
+    None when one is not a default."""
+    kw = _kwargs(node)
+    if kw is None or kw.get("pin_memory") or kw.get("layout") not in (None, torch.strided):
         return None
-    out = {k: kw[k] for k in ("dtype", "device") if kw.get(k) is not None}
-    if isinstance(out.get("device"), torch.device):  # printed as a string TorchScript reads
-        out["device"] = str(out["device"])
-    return out
+    keep = {k: kw[k] for k in ("dtype", "device") if kw.get(k) is not None}
+    if isinstance(keep.get("device"), torch.device):  # printed as a string TorchScript reads
+        keep["device"] = str(keep["device"])
+    return kw, keep
 
 
 def _arange(node: fx.Node) -> bool:
     """`aten.arange.default(end, device=..., pin_memory=False)` -> `torch.arange(end, ...)`."""
-    kw = _kwargs(node)
-    extra = _factory_kwargs(kw) if kw is not None else None
-    if extra is None:
-        return False
-    _set(node, torch.arange, (kw["end"],), extra)
-    return True
+    found = _factory(node)
+    if found is not None:
+        _set(node, torch.arange, (found[0]["end"],), found[1])
+    return found is not None
 
 
 def _new_full(node: fx.Node) -> bool:
     """`aten.new_full.default(x, size, fill, dtype=...)` -> `x.new_full(size, fill, ...)`."""
-    kw = _kwargs(node)
-    extra = _factory_kwargs(kw) if kw is not None else None
-    if extra is None:
-        return False
-    node.op = "call_method"
-    _set(node, "new_full", (kw["input"], kw["size"], kw["fill_value"]), extra)
-    return True
+    found = _factory(node)
+    if found is not None:
+        kw, keep = found
+        node.op = "call_method"
+        _set(node, "new_full", (kw["input"], kw["size"], kw["fill_value"]), keep)
+    return found is not None
 
 
 def _set(node: fx.Node, target, args: tuple, kwargs: dict) -> None:
