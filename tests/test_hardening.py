@@ -55,6 +55,14 @@ def test_shapes_and_thresholds_are_checked_up_front(case: str, tmp_path: Path) -
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("case", ["nan threshold", "inf threshold", "negative threshold"])
+def test_prune_checks_thresholds_as_compile_does(case: str, tmp_path: Path) -> None:
+    args, code, needle = SHAPES[case]  # `prune --threshold nan` was accepted before
+    result = fxprune("prune", "zoo:convnet", "--out", "o.pt", *args, cwd=tmp_path)
+    assert_clean_error(result, code, needle)
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("factory", ["huge_shape", "text_shape", "negative_shape"])
 def test_factory_input_shape_is_checked(factory: str, tmp_path: Path) -> None:
     result = fxprune("trace", f"hardening_models:{factory}", cwd=tmp_path)

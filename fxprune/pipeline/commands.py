@@ -52,6 +52,17 @@ from fxprune.verify import (
 )
 
 
+def _check_zeroing(threshold: float | None, sparsity: float | None) -> None:
+    """UsageError unless at most one of `threshold` (finite, ≥ 0) and `sparsity`
+    (in [0, 1)) is given: the zeroing options of `compile` and `prune`."""
+    if threshold is not None and sparsity is not None:
+        raise UsageError("give --threshold or --sparsity, not both")
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:  # NaN fails too
+        raise UsageError(f"--sparsity must be in [0, 1), not {sparsity}")
+    if threshold is not None and not 0.0 <= threshold < math.inf:  # NaN fails too
+        raise UsageError(f"--threshold must be a finite number ≥ 0, not {threshold}")
+
+
 @dataclass
 class CompileConfig:
     """Everything `fxprune compile` can be asked to do (defaults that work)."""
@@ -82,12 +93,7 @@ class CompileConfig:
     pt2_fallback: bool = False  # write x.pt2 beside --out x.ts when TorchScript cannot capture
 
     def __post_init__(self) -> None:
-        if self.threshold is not None and self.sparsity is not None:
-            raise UsageError("give --threshold or --sparsity, not both")
-        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
-            raise UsageError(f"--sparsity must be in [0, 1), not {self.sparsity}")
-        if self.threshold is not None and not 0.0 <= self.threshold < math.inf:  # NaN fails too
-            raise UsageError(f"--threshold must be a finite number ≥ 0, not {self.threshold}")
+        _check_zeroing(self.threshold, self.sparsity)
         if not 0.0 <= self.min_keep <= 1.0:  # NaN fails too
             raise UsageError(f"--min-keep must be in [0, 1], not {self.min_keep}")
         if self.verify < 0:
@@ -219,12 +225,7 @@ class PruneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.threshold is not None and self.sparsity is not None:
-            raise UsageError("give --threshold or --sparsity, not both")
-        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
-            raise UsageError(f"--sparsity must be in [0, 1), not {self.sparsity}")
-        if self.threshold is not None and self.threshold < 0:
-            raise UsageError(f"--threshold must be ≥ 0, not {self.threshold}")
+        _check_zeroing(self.threshold, self.sparsity)
         if self.verify < 1:
             raise UsageError("--verify must be ≥ 1 (in-place pruning is always verified)")
         if self.border not in BORDER_MODES:
