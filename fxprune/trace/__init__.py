@@ -9,7 +9,7 @@ Shapes land in `node.meta["tensor_meta"]` / `node.meta["value"]`.
 
 from fxprune.trace.exported import export_graph
 from fxprune.trace.frontends import FRONTENDS, trace_model
-from fxprune.trace.shapes import SAME_SHAPE, mutable_copy, propagate_shapes
+from fxprune.trace.shapes import SAME_SHAPE, propagate_shapes
 from fxprune.trace.symbolic import (
     LeafPolicyTracer,
     Traced,
@@ -23,7 +23,6 @@ __all__ = [
     "export_graph",
     "LeafPolicyTracer",
     "Traced",
-    "mutable_copy",
     "propagate_shapes",
     "resolve_submodule",
     "symbolic_trace",

@@ -107,18 +107,6 @@ class _ShapeRecorder:
                   call_function=self.call_function, get_attr=self.get_attr)  # fmt: skip
 
 
-def mutable_copy(value):
-    """fx hands calls immutable lists and dicts; generated code passes plain ones
-    (some callees, e.g. torchvision's 3-D Swin, mutate their arguments)."""
-    if isinstance(value, tuple):
-        return tuple(mutable_copy(v) for v in value)
-    if isinstance(value, list):
-        return [mutable_copy(v) for v in value]
-    if isinstance(value, dict):
-        return {k: mutable_copy(v) for k, v in value.items()}
-    return value
-
-
 def meta_copy(module: nn.Module) -> nn.Module:
     """A copy of `module` whose parameters and buffers live on the meta device. A
     module without children is copied shallowly (its tables replaced, nothing
@@ -175,4 +163,4 @@ def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
         ) from exc
 
 
-__all__ = ["SAME_SHAPE", "mutable_copy", "propagate_shapes"]
+__all__ = ["SAME_SHAPE", "propagate_shapes"]
