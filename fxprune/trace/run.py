@@ -17,7 +17,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["run_graph"]
+__all__ = ["attribute", "run_graph"]
 
 ModuleCall = Callable[[str, nn.Module, tuple, dict], Any]
 
@@ -65,7 +65,7 @@ def run_graph(
                     else call_module(node.target, module, args, kwargs)
                 )
             else:  # get_attr
-                value = _attribute(gm, node.target)
+                value = attribute(gm, node.target)
                 value = value if get_attr is None else get_attr(node.target, value)
         env[node] = value
         if on_result is not None:
@@ -75,7 +75,8 @@ def run_graph(
     return None
 
 
-def _attribute(root: nn.Module, target: str) -> Any:
+def attribute(root: nn.Module, target: str) -> Any:
+    """The attribute at dotted `target` below `root` (a get_attr node's value)."""
     value = root
     for atom in target.split("."):
         value = getattr(value, atom)
