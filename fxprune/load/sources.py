@@ -136,14 +136,12 @@ def load_source(
     `replay` (`fxprune.pipeline.load_model` passes it). Every failure is a
     LoadError/CheckpointError/UsageError with one line.
     """
-    if source.startswith(REGISTRY_PREFIXES) or (
-        FACTORY.match(source) and not Path(source).exists()
-    ):
+    registry = source.startswith(REGISTRY_PREFIXES)
+    if registry or (FACTORY.match(source) and not Path(source).exists()):
         # a model built here starts from random weights: the same for the same seed
         # (the caller's global random state is left as it was)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            registry = source.startswith(REGISTRY_PREFIXES)
             loaded = _load_registry(source) if registry else _load_factory(source)
     else:
         loaded = _load_file(Path(source), trust_pickle=trust_pickle, arch=arch, replay=replay)

@@ -53,7 +53,7 @@ def trace_model(
     target = (copy.deepcopy(target) if copy_module else target).eval()
     leaves: dict[str, str] = {}
     if frontend == "export":
-        gm, used = _export(target, example, None, required=True), "export"
+        gm, used = _export(target, example, None), "export"
     else:
         gm, used, leaves = _trace_fx(target, example, leaves, auto=frontend == "auto")
     propagate_shapes(gm, example)
@@ -78,7 +78,7 @@ def _trace_fx(target: nn.Module, example: torch.Tensor, leaves: dict[str, str], 
     except TraceError as fx_error:
         if not auto:
             raise
-        return _export(target, example, fx_error, required=True), "export", {}
+        return _export(target, example, fx_error), "export", {}
     finally:
         unbind(target)
     try:
@@ -93,14 +93,12 @@ def _trace_fx(target: nn.Module, example: torch.Tensor, leaves: dict[str, str], 
         unbind(target)
 
 
-def _export(target: nn.Module, example: torch.Tensor, fx_error, required: bool):
-    """The export front end's graph; when fx gave a graph too (`required`
-    False), None if export fails. fx's error is named beside export's."""
+def _export(target: nn.Module, example: torch.Tensor, fx_error):
+    """The export front end's graph; if export fails, fx's error (when fx was tried)
+    is named beside export's."""
     try:
         return export_graph(target, example, recompile=False)
     except TraceError as exc:
-        if not required:
-            return None
         if fx_error is None:
             raise
         raise TraceError(f"{fx_error}; {exc}") from exc
