@@ -305,10 +305,10 @@ def deployment_model(
     if not (fuse or channels_last):
         outcome.deploy_outputs = outcome.verified_outputs
         return gm
-    deploy, notes = fuse_for_deployment(gm) if fuse else (copy.deepcopy(gm), [])
+    deploy, folded = fuse_for_deployment(gm) if fuse else (copy.deepcopy(gm), [])
+    notes = folded + (["4-D weights stored channels-last"] if channels_last else [])
     if channels_last:
         deploy = deploy.to(memory_format=torch.channels_last)
-        notes.append("4-D weights stored channels-last")
     inputs, known = outcome.verified_inputs, outcome.verified_outputs
     if len(inputs) < 3 or len(known) != len(inputs):
         inputs, known = verification_inputs(example), None
@@ -318,7 +318,7 @@ def deployment_model(
     )
     check_tolerance(checked.error, f"the {what} model")
     outcome.result.notes += notes
-    outcome.fused_batchnorms = len(notes) - int(channels_last)
+    outcome.fused_batchnorms = len(folded)
     outcome.deploy_outputs = checked.actual
     return deploy
 
