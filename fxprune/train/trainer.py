@@ -81,13 +81,14 @@ class TrainConfig:
     """How to train. `rho=None` picks ρ on the first batch so that ρ·lasso equals
     the cross-entropy, or ln(classes) if larger (`suggest_rho`, `loss_scale`); a
     string is a `RhoSchedule` ("0.0002:30000,0.001"). `alpha=None` picks α by
-    `choose_alpha` (never below its ALPHA_FLOOR). `schedule="auto"` is a constant
-    lr under ISTA (the prox threshold lr·ρ·λ must not decay away, as in the paper)
-    and cosine otherwise. `ema` evaluates (and ends with) an EMA of the weights;
-    `until_plateau` stops before `epochs` once cross-entropy, sparsity and the
-    lasso term are flat (`fxprune.train.procedure.plateaued`). `sparsity` is
-    slimming's final target. `recalibrate` train batches re-estimate the BatchNorm
-    statistics after every epoch of a pruning mode (`recalibrate_batchnorm`; 0: off)."""
+    `choose_alpha` (never below its ALPHA_FLOOR when ρ is automatic too).
+    `schedule="auto"` is a constant lr under ISTA (the prox threshold lr·ρ·λ must
+    not decay away, as in the paper) and cosine otherwise. `ema` evaluates (and
+    ends with) an EMA of the weights; `until_plateau` stops before `epochs` once
+    cross-entropy, sparsity and the lasso term are flat
+    (`fxprune.train.procedure.plateaued`). `sparsity` is slimming's final target.
+    `recalibrate` train batches re-estimate the BatchNorm statistics after every
+    epoch of a pruning mode (`recalibrate_batchnorm`; 0: off)."""
 
     epochs: int = 10
     batch_size: int = 64
