@@ -24,11 +24,7 @@ from fxprune.compile.removal import balance_and_keep, removable_classes, widen
 from fxprune.compile.rewrite import Rewriter
 from fxprune.errors import CheckpointError, UsageError
 from fxprune.trace import Traced, propagate_shapes
-
-try:  # a GraphModule that generates its code when first called (torch >= 2.3)
-    from torch.fx._lazy_graph_module import _LazyGraphModule as _DeferredCode
-except ImportError:  # pragma: no cover - older torch: code generated at once
-    _DeferredCode = fx.GraphModule
+from fxprune.trace.graph_module import graph_module
 
 ABSORB_MODES = ("exact", "bias")
 
@@ -96,7 +92,7 @@ def compile_model(
     drop_type_annotations(gm)
     # a plain GraphModule holding only the modules and tensors the graph uses; its code
     # is generated here, once (the working copy never generated any)
-    gm = fx.GraphModule(gm, gm.graph, gm.__class__.__name__)
+    gm = graph_module(gm, gm.graph, gm.__class__.__name__)
     for node in gm.graph.nodes:  # structure changed: the old analysis is stale
         node.meta.pop("channels", None)
         node.meta.pop("channel_rule", None)
@@ -134,7 +130,7 @@ def working_copy(gm: fx.GraphModule) -> fx.GraphModule:
         return copy.deepcopy(gm).eval()
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
-    clone = _DeferredCode(gm, graph, type(gm).__name__)
+    clone = graph_module(gm, graph, type(gm).__name__, lazy=True)
     clone.training = False
     return clone
 

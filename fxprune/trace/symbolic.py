@@ -17,6 +17,7 @@ from torch import nn
 
 from fxprune.errors import TraceError, first_line
 from fxprune.modules import BorderTerm
+from fxprune.trace.graph_module import graph_module
 
 # Modules fx must not trace into: their forward is data dependent or they are
 # opaque kernels. The channel analysis freezes whatever they touch.
@@ -117,7 +118,7 @@ def symbolic_trace(
                 raise LeafNeeded(culprit) from exc
             continue
         name = type(module).__name__
-        return fx.GraphModule(tracer.root, graph, name)
+        return graph_module(tracer.root, graph, name, lazy=True)  # code: when first run
     parts = ", ".join(list(leaves)[:4]) + (f" +{len(leaves) - 4} more" if len(leaves) > 4 else "")
     raise TraceError(
         f"torch.fx cannot trace {type(module).__name__}: too many untraceable parts ({parts})"
