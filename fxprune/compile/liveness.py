@@ -9,7 +9,8 @@ arrays over its (flattened) channel positions:
 - `dead[p]`: nothing downstream reads it (backward pass: BN γ=0, zero weight
   columns, dead outputs of channel-wise ops).
 
-Values of constant channels are not derived by hand: `probe_values` runs the
+Values of constant channels are not derived by hand: `const_values` runs each
+node that has one on tiny inputs, and where it cannot, `probe_values` runs the
 graph once and reads each channel at the first spatial position.
 """
 
@@ -229,14 +230,18 @@ def _structural_input(node: fx.Node) -> fx.Node | None:
 
 def find_liveness(gm: fx.GraphModule, example: torch.Tensor) -> Liveness:
     """Constant and dead channel positions of every channel node of `gm`."""
+    from fxprune.compile.const_values import constant_values  # it builds on this module
+
     modules = dict(gm.named_modules())
     const = _forward_const(gm, modules)
     dead = _backward_dead(gm, modules)
-    values = probe_values(gm, example, {n for n, c in const.items() if _any_true(c)})
+    values = constant_values(gm, const)
+    if values is None:  # some node cannot run on tiny inputs: one forward pass
+        values = probe_values(gm, example, {n for n, c in const.items() if any_true(c)})
     return Liveness(const=const, dead=dead, values=values)
 
 
-def _any_true(mask) -> bool:
+def any_true(mask) -> bool:
     if isinstance(mask, list):
         return any(m is not None and bool(m.any()) for m in mask)
     return bool(mask.any())
@@ -383,6 +388,7 @@ __all__ = [
     "Liveness",
     "ProbeValues",
     "aligned_operands",
+    "any_true",
     "bn_gamma",
     "channel_nodes",
     "find_liveness",
