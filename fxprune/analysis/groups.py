@@ -238,11 +238,13 @@ def _build_groups(gm: fx.GraphModule, labeller) -> ChannelAnalysis:
 def _collect_groups(gm, labeller, class_of, group_root, frozen):
     """Turn recorded sites into Group records, keeping only groups a module touches."""
     by_root: dict[int, Group] = {}
+    order = np.argsort(group_root, kind="stable")  # classes by root, ascending within each
+    sorted_roots = group_root[order]
 
     def group_for(root: int) -> Group:
         if root not in by_root:
-            members = np.nonzero(group_root == root)[0]
-            by_root[root] = Group(index=-1, classes=members)
+            lo, hi = np.searchsorted(sorted_roots, [root, root + 1])
+            by_root[root] = Group(index=-1, classes=order[lo:hi])
         return by_root[root]
 
     for role, kind, node, module, ids in labeller.sites:
@@ -260,7 +262,10 @@ def _collect_groups(gm, labeller, class_of, group_root, frozen):
     for index, group in enumerate(groups):
         group.index = index
         group_of_class[group.classes] = index
-        group.frozen = {int(c): frozen[int(c)] for c in group.classes if int(c) in frozen}
+        group.frozen = {}
+    for c in sorted(frozen):  # ascending, as each group's classes are
+        if group_of_class[c] >= 0:
+            groups[group_of_class[c]].frozen[c] = frozen[c]
     return groups, group_of_class
 
 
