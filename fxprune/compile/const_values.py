@@ -36,11 +36,13 @@ class _CannotRun(Exception):
     """A node cannot be run on tiny inputs: use the forward pass."""
 
 
-def constant_values(gm: fx.GraphModule, const: dict) -> ProbeValues | None:
+def constant_values(
+    gm: fx.GraphModule, const: dict, modules: dict[str, nn.Module] | None = None
+) -> ProbeValues | None:
     """Per channel node with a constant channel: each channel's value (float64;
     NaN where the channel is not constant). None when some node cannot be run
-    on tiny inputs."""
-    modules = dict(gm.named_modules())
+    on tiny inputs. `modules`: `dict(gm.named_modules())`, if the caller has it."""
+    modules = dict(gm.named_modules()) if modules is None else modules
     tiny: dict[fx.Node, object] = {}  # node -> its tiny output, non-constant channels 0
     try:
         with torch.no_grad():

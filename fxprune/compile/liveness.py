@@ -235,7 +235,7 @@ def find_liveness(gm: fx.GraphModule, example: torch.Tensor) -> Liveness:
     modules = dict(gm.named_modules())
     const = _forward_const(gm, modules)
     dead = _backward_dead(gm, modules)
-    values = constant_values(gm, const)
+    values = constant_values(gm, const, modules)
     if values is None:  # some node cannot run on tiny inputs: one forward pass
         values = probe_values(gm, example, {n for n, c in const.items() if any_true(c)})
     return Liveness(const=const, dead=dead, values=values)

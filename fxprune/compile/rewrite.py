@@ -273,11 +273,10 @@ class Rewriter:
             return None
         values = np.where(take, self.live.values[x], 0.0)
         if getattr(module, "groups", 1) == 1:  # only the removed columns, in float64
-            weight = module.weight.detach().cpu()
-            weight = weight if weight.dtype in (torch.float32, torch.float64) else weight.double()
-            taken = weight.numpy()[:, take]  # (out, taken, *kernel), numpy: small arrays
-            delta = np.tensordot(values[take], taken.astype(np.float64), axes=([0], [1]))
-            return torch.from_numpy(delta) if delta.any() else None
+            cols = torch.as_tensor(np.nonzero(take)[0])
+            weight = module.weight.detach().index_select(1, cols).double()  # (out, taken, *k)
+            delta = torch.matmul(weight.movedim(1, -1), torch.from_numpy(values[take]))
+            return delta if bool(delta.any()) else None
         weight = module.weight.detach().double()  # (out, in/groups, *kernel)
         per_row = torch.from_numpy(per_row_inputs(module, values))  # (out, in/groups)
         delta = torch.einsum("oi...,oi->o...", weight, per_row)
