@@ -8,8 +8,9 @@ set to exactly 0 (fxprune's test pattern, copied into the user's module), then
   zero-γ channels of every BatchNorm (groups checked with check_pruning_group),
 
 each timed on a fresh copy of the model (median of --repeats, the two sides
-interleaved, one thread, imports excluded; what each side's time includes is
-printed with the table: neither verifies). Where Torch-Pruning fails, the time it
+interleaved, Python's garbage collected before each, one thread, imports
+excluded; what each side's time includes is printed with the table: neither
+verifies). Where Torch-Pruning fails, the time it
 ran until the failure is shown as a lower bound. Also the output error of each
 pruned model against the zeroed original (Torch-Pruning drops the removed
 channels' constants β, so its error is not 0 unless β is 0) and the eager
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import statistics
 import time
@@ -44,10 +46,12 @@ MODELS = ("resnet50", "mobilenet_v3_large", "efficientnet_b0", "googlenet", "res
 
 warnings.filterwarnings("ignore")
 WHAT_IS_TIMED = """\
-timed on each side (model already built and zeroed, imports excluded, nothing verified):
-  fxprune: trace (fx, or torch.export where fx cannot) + shape propagation on the meta
-           device + channel analysis + compile (liveness, with one forward pass at an
-           eighth of the input size for the constants' values, rewrite, recompile)
+timed on each side (model already built and zeroed, garbage collected first, imports
+excluded, nothing verified):
+  fxprune: trace (fx, or torch.export where fx cannot) + shapes on the meta device +
+           channel analysis + compile (liveness; the constants' values from each node
+           run on tiny inputs, or else one forward pass at an eighth of the input
+           size; rewrite; the compact GraphModule's code generated)
   TP:      DependencyGraph.build_dependency (one forward pass of the example, traced
            through autograd) + pruning the zero-γ channels of every BatchNorm
   neither side's time includes a verification forward pass; the error columns are
@@ -106,8 +110,14 @@ def tp_prune(model: nn.Module, x: torch.Tensor) -> nn.Module:
 
 
 def timed(prune, model: nn.Module, x: torch.Tensor) -> tuple[float, object]:
-    """(seconds, pruned model or the exception it raised) on a fresh copy of `model`."""
+    """(seconds, pruned model or the exception it raised) on a fresh copy of `model`.
+
+    Python's garbage collector runs first: otherwise a full collection of the
+    previous run's garbage (the other side's, in alternation) lands at random in
+    the timed run and adds 20-250 ms to it (Torch-Pruning on mobilenet_v3_large
+    measured 45 ms or 70-320 ms by luck)."""
     fresh = copy.deepcopy(model)
+    gc.collect()
     start = time.perf_counter()
     try:
         pruned = prune(fresh, x)
