@@ -148,8 +148,11 @@ def nonzero_taps(module: nn.Module) -> np.ndarray:
 
 
 def per_row_inputs(module: nn.Module, per_input: np.ndarray) -> np.ndarray:
-    """Lay a per-input-channel array out as (out, in/groups): row o sees its group's inputs."""
+    """Lay a per-input-channel array out as (out, in/groups): row o sees its group's
+    inputs (for one group, a read-only (1, in) view that broadcasts over the rows)."""
     groups, rows = getattr(module, "groups", 1), module.weight.shape[0]
+    if groups == 1:
+        return per_input.reshape(1, -1)
     return per_input.reshape(groups, -1)[np.repeat(np.arange(groups), rows // groups)]
 
 
