@@ -17,18 +17,26 @@ channels' constants β, so its error is not 0 unless β is 0) and the eager
 latency of both pruned models at batch 1. Ratios are fxprune / Torch-Pruning:
 below 1 means fxprune is faster.
 
+With --breakdown, a second table gives each side's milliseconds by stage (fxprune:
+trace and shapes, analysis, graph copy, liveness, decisions, rewrite, and "finish":
+lint, dead code and generating the compact model's code; Torch-Pruning: building
+its dependency graph, and pruning).
+
     .venv/bin/python benchmarks/vs_torch_pruning.py [--models resnet50,...] [--repeats 3]
+        [--breakdown]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import os
 import statistics
 import time
 import warnings
+from collections.abc import Iterator
 
 import torch
 from tabulate import tabulate
@@ -187,12 +195,71 @@ def compare(name: str, repeats: int, size: int) -> list:
     return [name, fx_s, tp_col, ratio, fx_err, tp_err, fx_ms, tp_ms]
 
 
+def fx_stages() -> list[tuple[str, object, str]]:
+    """(label, owner, attribute): where fxprune's time goes."""
+    from fxprune.compile import compiler
+    from fxprune.pipeline import stages
+
+    return [("trace+shapes", stages, "trace_model"), ("analyse", stages, "analyse"),
+            ("copy", compiler, "working_copy"), ("liveness", compiler, "find_liveness"),
+            ("decide", compiler, "_decide"), ("rewrite", compiler.Rewriter, "apply")]  # fmt: skip
+
+
+@contextlib.contextmanager
+def stage_timers(stages: list[tuple[str, object, str]]) -> Iterator[dict[str, float]]:
+    """While inside, time every call of each `owner.attribute`; yields the seconds
+    spent in each, by label."""
+    totals = {label: 0.0 for label, _, _ in stages}
+    originals = [(owner, attr, getattr(owner, attr)) for _, owner, attr in stages]
+    for (label, owner, attr), (_, _, original) in zip(stages, originals, strict=True):
+
+        def timed_call(*args, _f=original, _label=label, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _f(*args, **kwargs)
+            finally:
+                totals[_label] += time.perf_counter() - start
+
+        setattr(owner, attr, timed_call)
+    try:
+        yield totals
+    finally:
+        for owner, attr, original in originals:
+            setattr(owner, attr, original)
+
+
+def breakdown(name: str, repeats: int, size: int) -> list:
+    """Milliseconds per stage on each side, from the fastest of `repeats` runs of each."""
+    import torch_pruning as tp
+
+    shape = input_shape(name, size)
+    x = torch.randn(shape)
+    model = zeroed_model(name, shape)
+    fx_best, tp_best = None, None
+    for _ in range(repeats):
+        with stage_timers(fx_stages()) as parts:
+            total, _ = timed(fxprune_prune, model, x)
+        parts["finish"] = total - sum(parts.values())  # lint, dead code, code generation
+        fx_best = min(fx_best or (total, parts), (total, parts), key=lambda r: r[0])
+        with stage_timers([("build", tp.DependencyGraph, "build_dependency")]) as parts:
+            total, _ = timed(tp_prune, model, x)
+        parts["prune"] = total - parts["build"]
+        tp_best = min(tp_best or (total, parts), (total, parts), key=lambda r: r[0])
+    fx_ms = [1000 * v for v in (fx_best[0], *fx_best[1].values())]
+    return [name, *fx_ms, *(1000 * v for v in (tp_best[0], *tp_best[1].values()))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also print each side's time by stage (fastest of --repeats)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warm_up(args.size)
@@ -203,6 +270,13 @@ def main() -> None:
           "(fxprune and Torch-Pruning interleaved)")  # fmt: skip
     print(WHAT_IS_TIMED)
     print(tabulate(rows, headers=headers, floatfmt=".3g"))
+    if args.breakdown:
+        parts = [breakdown(name, args.repeats, args.size) for name in args.models.split(",")]
+        labels = [label for label, _, _ in fx_stages()] + ["finish"]
+        print("\nmilliseconds by stage, fastest run of each side (finish: lint, dead code, "
+              "the compact model's code)")  # fmt: skip
+        print(tabulate(parts, headers=["model", "fxprune", *labels, "TP", "TP build",
+                                       "TP prune"], floatfmt=".1f"))  # fmt: skip
 
 
 if __name__ == "__main__":
