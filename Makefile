@@ -44,7 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/trace_time.py
 	$(BIN)/python benchmarks/ista_overhead.py
 	$(BIN)/python benchmarks/paper_digits.py --jobs 2
-	$(BIN)/python benchmarks/vs_torch_pruning.py
+	$(BIN)/python benchmarks/vs_torch_pruning.py --breakdown
 	$(BIN)/python benchmarks/scaling.py
 	$(BIN)/python benchmarks/cli_wall.py
 	# fxprune (compile and in place) and Torch-Pruning on torchvision, timm, Ultralytics and
