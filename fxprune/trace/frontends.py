@@ -17,6 +17,7 @@ from torch._ops import OpOverload
 from fxprune.errors import TraceError
 from fxprune.trace.canonical import canonicalise
 from fxprune.trace.exported import export_graph
+from fxprune.trace.meta_proxy import MetaFindings, MetaTracer
 from fxprune.trace.shapes import propagate_shapes
 from fxprune.trace.symbolic import (
     LeafNeeded,
@@ -52,12 +53,15 @@ def trace_model(
     target = resolve_submodule(module, submodule) if submodule else module
     target = (copy.deepcopy(target) if copy_module else target).eval()
     leaves: dict[str, str] = {}
+    findings = MetaFindings(complete=False)
     if frontend == "export":
         gm, used = _export(target, example, None), "export"
     else:
-        gm, used, leaves = _trace_fx(target, example, leaves, auto=frontend == "auto")
-    propagate_shapes(gm, example)
-    notes = canonicalise(gm, recompile=used == "export")  # export left its recompile to us
+        gm, used, leaves = _trace_fx(target, example, leaves, frontend == "auto", findings)
+    if used == "export" or not findings.complete:  # fx's tracer wrote every shape itself
+        propagate_shapes(gm, example)
+    notes = findings.notes if used == "fx" else []
+    notes += canonicalise(gm, recompile=used == "export")  # export left its recompile to us
     kept = sorted({str(n.target) for n in gm.graph.nodes if isinstance(n.target, OpOverload)})
     if kept:
         notes.append(f"aten ops kept as they are (frozen where they touch channels): "
@@ -66,13 +70,21 @@ def trace_model(
                   frontend=used, notes=notes)  # fmt: skip
 
 
-def _trace_fx(target: nn.Module, example: torch.Tensor, leaves: dict[str, str], auto: bool):
+def _trace_fx(target: nn.Module, example: torch.Tensor, leaves: dict[str, str], auto: bool,
+              findings: MetaFindings):  # fmt: skip
     """(gm, front end used, leaves). With `auto`, export is tried as soon as fx
     meets the first submodule it cannot trace (a graph with such a leaf, or no
     graph, would go to export anyway), so fx does not re-trace the model once
-    per untraceable submodule only to be replaced."""
+    per untraceable submodule only to be replaced. fx's tracer carries meta
+    values (`meta_proxy`); `findings` gets what it learnt."""
+
+    def make_tracer(leaves: dict[str, str]) -> MetaTracer:
+        return MetaTracer(leaves, example, findings)
+
     try:
-        return symbolic_trace(bound_to_input(target), leaves, stop_at_leaf=auto), "fx", leaves
+        gm = symbolic_trace(bound_to_input(target), leaves, stop_at_leaf=auto,
+                            make_tracer=make_tracer)  # fmt: skip
+        return gm, "fx", leaves
     except LeafNeeded:
         pass
     except TraceError as fx_error:
@@ -86,7 +98,7 @@ def _trace_fx(target: nn.Module, example: torch.Tensor, leaves: dict[str, str], 
     except TraceError as exc:
         export_error = exc
     try:  # export failed too: fx's graph with the untraceable parts as leaves
-        return symbolic_trace(bound_to_input(target), leaves), "fx", leaves
+        return symbolic_trace(bound_to_input(target), leaves, make_tracer=make_tracer), "fx", leaves
     except TraceError as fx_error:
         raise TraceError(f"{fx_error}; {export_error}") from fx_error
     finally:
