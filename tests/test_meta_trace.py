@@ -145,7 +145,9 @@ def test_shape_branch_takes_the_examples_branch_and_says_so(monkeypatch):
     traced, propagated = _traced(model, x, monkeypatch, frontend="fx")
     assert not propagated
     assert relative_error(model(x), traced.gm(x)) == 0.0
-    assert any("branch of the example's shape" in note for note in traced.notes)
+    assert "fx took the example's branch of a condition on shapes in the model's forward" in (
+        " ".join(traced.notes)
+    )
     # the decided condition left nothing behind
     assert all(n.target is not getattr for n in traced.gm.graph.nodes)
     _same_meta_as_propagation(traced.gm, x)
@@ -159,6 +161,8 @@ def test_tensor_factories_on_traced_sizes_become_nodes(monkeypatch):
     assert not propagated
     targets = [n.target for n in traced.gm.graph.nodes if n.op == "call_function"]
     assert targets.count(arange) == 2 and full in targets
+    # one condition decided (`self.shape != shape`): the traced sizes were never bool()ed
+    assert "branch of a condition on shapes" in " ".join(traced.notes)
     assert relative_error(model(x), traced.gm(x)) == 0.0
     # the sizes are nodes, not numbers: another input size is still exact (only the
     # branch was specialised, and the example's branch is the one that rebuilds)

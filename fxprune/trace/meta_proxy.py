@@ -1,8 +1,10 @@
 """An fx tracer whose proxies carry meta values, so fx goes where only shapes are needed.
 
 Each node's value on the meta device (an empty meta tensor for tensors, a real
-torch.Size / int / bool for shape arithmetic) is computed while the node is created,
-by shape propagation's own hooks (`shapes._ShapeRecorder`), and written where
+torch.Size / int / bool for shape arithmetic) is computed by shape propagation's
+own hooks (`shapes._ShapeRecorder`), in graph order, as soon as the trace needs one
+(a branch, an iteration) and for the rest right after the trace (where fx's patched
+module attributes no longer slow every read down), and written where
 `propagate_shapes` writes it (`node.meta["tensor_meta"]` / `node.meta["value"]`).
 With these values the tracer can:
 
@@ -29,7 +31,8 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.node import map_aggregate, map_arg
+from torch import nn
+from torch.fx.node import map_arg
 from torch.fx.proxy import Attribute
 
 from fxprune.trace.run import _mutable, attribute
@@ -89,7 +92,12 @@ class MetaTracer(LeafPolicyTracer):
         self.values: dict[fx.Node, Any] = {}
         self.tainted: set[fx.Node] = set()
         self.specialised: list[fx.Node] = []
+        self.branches: list[str] = []  # the module of each condition decided by shapes
+        self.unrolled: list[str] = []  # the module of each iteration over a tensor
         self.recorder = _ShapeRecorder(on_meta=True)
+        self.pending: list[fx.Node] = []
+        self.modules: dict[fx.Node, nn.Module] = {}
+        self.calling: nn.Module | None = None
         self.placeholders = 0
         self.computing = False
 
@@ -99,18 +107,46 @@ class MetaTracer(LeafPolicyTracer):
     def trace(self, root, concrete_args=None) -> fx.Graph:
         self.findings.complete, self.findings.notes[:] = True, []
         self.values.clear()
+        self.pending.clear()
+        self.modules.clear()
+        self.branches.clear()
+        self.unrolled.clear()
         self.placeholders = 0
-        with torch.no_grad(), _factories_as_nodes():
-            graph = super().trace(root, concrete_args)
-        for node in self.specialised:
+        with torch.no_grad():
+            with _factories_as_nodes():
+                graph = super().trace(root, concrete_args)
+            self._catch_up()  # fx's patches are gone: module attributes read at full speed
+        for node in dict.fromkeys(self.specialised):
             _erase_unused(graph, node)
+        self.findings.notes += _where("took the example's branch of {} on shapes",
+                                      ("a condition", "{} conditions"), self.branches)  # fmt: skip
+        self.findings.notes += _where("unrolled {} over a tensor's first dimension",
+                                      ("a loop", "{} loops"), self.unrolled)  # fmt: skip
         return graph
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
-        if kind != "output" and self.findings.complete:
-            self._compute(node)
+        if kind == "call_module":
+            self.modules[node] = self.calling
+        if kind != "output":
+            self.pending.append(node)  # valued in graph order, when first needed
         return node
+
+    def _catch_up(self) -> None:
+        """Compute the values of the nodes created since the last call, in graph order
+        (as a run of the graph would: in-place ops see what came before them); after
+        the first failure nothing more is computed."""
+        pending, self.pending = self.pending, []
+        if not self.findings.complete:
+            return
+        self.computing = True
+        try:
+            for node in pending:
+                if not self._compute(node):
+                    self.findings.complete = False
+                    return
+        finally:
+            self.computing = False
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
         if self.computing:  # a meta value reads the module's own attributes
@@ -120,19 +156,16 @@ class MetaTracer(LeafPolicyTracer):
     def call_module(self, m, forward, args, kwargs) -> Any:
         if self.computing:  # a meta value calls a layer (or its meta copy) for real
             return forward(*args, **kwargs)
+        self.calling = m  # the module of the call_module node this call may create
         return super().call_module(m, forward, args, kwargs)
 
-    def _compute(self, node: fx.Node) -> None:
-        """Store the node's meta value (and its tensor_meta / value), or mark the
-        trace incomplete when it cannot be computed."""
-        self.computing = True
+    def _compute(self, node: fx.Node) -> bool:
+        """Store the node's meta value (and its tensor_meta / value); False when it
+        cannot be computed."""
         try:
             value = self._evaluate(node)
         except Exception:  # no meta kernel, or a value that needs real data
-            self.findings.complete = False
-            return
-        finally:
-            self.computing = False
+            return False
         self.values[node] = value
         self.recorder.record(node, value)
         if self.tainted and any(a in self.tainted for a in node.all_input_nodes):
@@ -141,6 +174,7 @@ class MetaTracer(LeafPolicyTracer):
               and node.args[1] in _DEVICE_ATTRIBUTES) or (
               node.op == "call_method" and node.target in _DEVICE_METHODS):  # fmt: skip
             self.tainted.add(node)
+        return True
 
     def _evaluate(self, node: fx.Node) -> Any:
         op = node.op
@@ -160,12 +194,13 @@ class MetaTracer(LeafPolicyTracer):
             return self.recorder.call_function(node.target, args, kwargs)
         if op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
-        module = self.root.get_submodule(node.target)
-        return self.recorder.call_module(node.target, module, args, kwargs)
+        return self.recorder.call_module(node.target, self.modules[node], args, kwargs)
 
-    def _plain_value(self, obj: fx.Proxy) -> tuple[bool, Any]:
-        """(known, value): the meta value of `obj` when it is trustworthy."""
+    def _value(self, obj: fx.Proxy) -> tuple[bool, Any]:
+        """(known, value): the meta value of `obj`, computed now if need be, when it
+        is trustworthy (not derived from a device)."""
         node = obj.node
+        self._catch_up()
         if node not in self.values or node in self.tainted:
             return False, None
         return True, self.values[node]
@@ -173,14 +208,10 @@ class MetaTracer(LeafPolicyTracer):
     def to_bool(self, obj: fx.Proxy) -> bool:
         """The example's branch, for a plain value computed from shapes (noted);
         fx's error for anything else (tensors are data, never guessed)."""
-        known, value = self._plain_value(obj)
+        known, value = self._value(obj)
         if not known or not _is_plain_value(value):
             return super().to_bool(obj)
-        where = self.innermost_module() or "the model's forward"
-        self.findings.notes.append(
-            f"fx took the branch of the example's shape in {where} (on {obj.node.name} = "
-            f"{bool(value)}): the graph is valid for inputs of that shape"
-        )
+        self.branches.append(self.innermost_module() or "the model's forward")
         self.specialised.append(obj.node)
         return bool(value)
 
@@ -193,19 +224,27 @@ class MetaTracer(LeafPolicyTracer):
         return self._known_length(obj, "len()")
 
     def _known_length(self, obj: fx.Proxy, use: str) -> int:
-        known, value = self._plain_value(obj)
+        known, value = self._value(obj)
         if known and isinstance(value, (tuple, list, torch.Size)):
             return len(value)
         if known and isinstance(value, torch.Tensor) and value.dim() > 0:
-            where = self.innermost_module() or "the model's forward"
-            self.findings.notes.append(
-                f"fx {use} a tensor of first dimension {len(value)} in {where}: the graph "
-                "is valid for inputs of that shape"
-            )
+            self.unrolled.append(self.innermost_module() or "the model's forward")
             return len(value)
         if use == "iterated":
             return super().iter(obj)  # raises fx's TraceError
         return fx.Proxy.__len__(obj)  # raises fx's RuntimeError
+
+
+def _where(done: str, counted: tuple[str, str], places: list[str]) -> list[str]:
+    """One note for all the places (module names) where fx specialised the graph to
+    the example's shape: `done` with the count (`counted`: singular, plural) filled in."""
+    if not places:
+        return []
+    unique = list(dict.fromkeys(places))
+    listed = ", ".join(unique[:6]) + (f" +{len(unique) - 6} more" if len(unique) > 6 else "")
+    count = counted[0] if len(places) == 1 else counted[1].format(len(places))
+    return [f"fx {done.format(count)} in {listed}: the graph is valid for inputs of the "
+            "example's shape only"]  # fmt: skip
 
 
 def _erase_unused(graph: fx.Graph, node: fx.Node) -> None:
@@ -242,17 +281,22 @@ class _factories_as_nodes:
 def _as_node(original):
     @functools.wraps(original)
     def factory(*args, **kwargs):
-        proxy = None
-
-        def find(a):
-            nonlocal proxy
-            if isinstance(a, fx.Proxy):
-                proxy = a
-            return a
-
-        map_aggregate((args, kwargs), find)
-        if proxy is None:
+        proxy = _find_proxy(args)
+        proxy = _find_proxy(kwargs.values()) if proxy is None else proxy  # never bool(proxy)
+        if proxy is None:  # torch's own calls (meta kernels, references) pass straight on
             return original(*args, **kwargs)
         return proxy.tracer.create_proxy("call_function", original, args, kwargs)
 
     return factory
+
+
+def _find_proxy(values) -> fx.Proxy | None:
+    """The first proxy in `values`, looking inside lists and tuples (a size tuple)."""
+    for v in values:
+        if isinstance(v, fx.Proxy):
+            return v
+        if isinstance(v, (tuple, list)):
+            found = _find_proxy(v)
+            if found is not None:
+                return found
+    return None

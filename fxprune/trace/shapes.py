@@ -68,6 +68,9 @@ class _ShapeRecorder:
         self.meta_modules: dict[str, nn.Module] = {}
 
     def record(self, n: fx.Node, result) -> None:
+        if isinstance(result, torch.Tensor):  # the common case, without the walk below
+            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+            return
         found = False
 
         def tensor_meta(obj):

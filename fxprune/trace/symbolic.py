@@ -9,6 +9,7 @@ values (sizes, ints, tuples) `node.meta["value"]`. Later stages read these.
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -137,8 +138,15 @@ def symbolic_trace(
 
 
 def _attributes(module: nn.Module) -> list[tuple[nn.Module, dict]]:
-    """Every submodule with a copy of its `__dict__` (its plain attributes)."""
-    return [(m, dict(m.__dict__)) for m in module.modules()]
+    """Every submodule with a copy of its `__dict__` (its plain attributes); walks
+    `_modules` itself (a module shared by two parents is listed twice, harmlessly),
+    several times faster than `modules()` on a large model."""
+    saved, stack = [], [module]
+    while stack:
+        m = stack.pop()
+        saved.append((m, m.__dict__.copy()))
+        stack.extend(child for child in m._modules.values() if child is not None)
+    return saved
 
 
 def _restore_attributes(saved: list[tuple[nn.Module, dict]]) -> None:
@@ -146,8 +154,9 @@ def _restore_attributes(saved: list[tuple[nn.Module, dict]]) -> None:
     replaced ones come back (no-op for a module the trace did not touch)."""
     for module, before in saved:
         now = module.__dict__
-        if len(now) == len(before) and all(now.get(k, now) is v for k, v in before.items()):
-            continue
+        if len(now) == len(before) and all(map(operator.is_, now.values(), before.values())):
+            if now.keys() == before.keys():
+                continue
         now.clear()
         now.update(before)
 
