@@ -229,6 +229,7 @@ def test_meta_written_while_tracing_equals_propagation_torchvision(name, monkeyp
     model, x = zoo.create_model(name).eval(), torch.randn(1, 3, 64, 64)
     traced, propagated = _traced(model, x, monkeypatch)
     assert traced.frontend == "fx" and not propagated
+    assert not any(m.training for m in traced.gm.modules())  # as propagate_shapes leaves it
     assert relative_error(model(x), run_model(traced.gm, x)) <= 1e-6
     _same_meta_as_propagation(traced.gm, x)
 
@@ -240,6 +241,7 @@ def test_yolov8n_is_traced_by_fx_with_the_same_meta(monkeypatch):
     before = dict(head.__dict__)  # the build's forward pass left anchors for 256 px
     traced, propagated = _traced(model, x, monkeypatch, copy_module=False)
     assert traced.frontend == "fx" and not traced.leaves and not propagated
+    assert not any(m.training for m in traced.gm.modules())
     assert head.__dict__ == before  # Detect's anchors, strides and shape left as they were
     expected, actual = model(x), run_model(traced.gm, x)
     assert relative_error(expected[0], actual[0]) <= 1e-6

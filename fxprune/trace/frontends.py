@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.fx as fx
 from torch import nn
 from torch._ops import OpOverload
 
@@ -58,8 +59,10 @@ def trace_model(
         gm, used = _export(target, example, None), "export"
     else:
         gm, used, leaves = _trace_fx(target, example, leaves, frontend == "auto", findings)
-    if used == "export" or not findings.complete:  # fx's tracer wrote every shape itself
+    if used == "export" or not findings.complete:
         propagate_shapes(gm, example)
+    else:  # fx's tracer wrote every shape itself
+        _eval_containers(gm)
     notes = findings.notes if used == "fx" else []
     notes += canonicalise(gm, recompile=used == "export")  # export left its recompile to us
     kept = sorted({str(n.target) for n in gm.graph.nodes if isinstance(n.target, OpOverload)})
@@ -103,6 +106,19 @@ def _trace_fx(target: nn.Module, example: torch.Tensor, leaves: dict[str, str], 
         raise TraceError(f"{fx_error}; {export_error}") from fx_error
     finally:
         unbind(target)
+
+
+def _eval_containers(gm: fx.GraphModule) -> None:
+    """`gm.eval()` for a graph over modules already in eval mode: only `gm` and the
+    containers it made to hold them (`layer1`, `layer1.0`, ...) can be training; the
+    walk stops at the user's modules."""
+    gm.training = False
+    stack: list[nn.Module] = [child for child in gm._modules.values() if child is not None]
+    while stack:
+        module = stack.pop()
+        if module.training:
+            module.training = False
+            stack.extend(child for child in module._modules.values() if child is not None)
 
 
 def _export(target: nn.Module, example: torch.Tensor, fx_error):
