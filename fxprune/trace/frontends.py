@@ -1,7 +1,8 @@
 """The front door of the trace stage: a user's module to an analysable graph.
 
-`trace_model` picks a front end ("fx": symbolic tracing, `symbolic.py`;
-"export": torch.export, `exported.py`), propagates shapes, then writes the
+`trace_model` picks a front end ("fx": symbolic tracing, `symbolic.py`, with
+proxies that carry meta values, `meta_proxy.py`, which write the shapes as they
+go; "export": torch.export, `exported.py`), propagates shapes, then writes the
 graph in one vocabulary (`canonical.py`), so the analysis never asks where a
 graph came from.
 """

@@ -77,10 +77,11 @@ class MetaAttribute(Attribute, MetaProxy):
 
 
 class MetaTracer(LeafPolicyTracer):
-    """LeafPolicyTracer computing every node's meta value from `example` as it traces.
+    """LeafPolicyTracer that gives every node its meta value for input `example`
+    (when the trace first needs it, or right after the trace).
 
     `findings` (shared with the caller, reset by each `trace`) gets the notes of the
-    branches taken on shapes and whether every node has a value.
+    specialisations to the example's shape and whether every node has a value.
     """
 
     def __init__(
@@ -111,6 +112,8 @@ class MetaTracer(LeafPolicyTracer):
         self.modules.clear()
         self.branches.clear()
         self.unrolled.clear()
+        self.tainted.clear()
+        self.specialised.clear()
         self.placeholders = 0
         with torch.no_grad():
             with _factories_as_nodes():
