@@ -106,6 +106,23 @@ class NoMetaKernel(nn.Module):
         return y, hits.float().mean()
 
 
+class ForeignChannels(nn.Module):
+    """Ultralytics' C2PSA attention: `B, C, H, W = x.shape`, then another tensor (the
+    attention's values, from their own conv) viewed with x's channel count C."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cv1 = nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.qkv = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.proj = nn.Conv2d(8, 4, 1)
+
+    def forward(self, inp):
+        x = self.cv1(inp)
+        B, C, H, W = x.shape
+        v = self.qkv(x).view(B, 8, H * W)
+        return self.proj((v * 2.0).view(B, C, H, W)), x
+
+
 def _traced(model: nn.Module, x: torch.Tensor, monkeypatch, **kwargs):
     """trace_model, and whether it had to propagate shapes separately."""
     calls = []
@@ -220,6 +237,15 @@ def test_an_op_without_meta_value_falls_back_to_propagation(monkeypatch):
     assert all(relative_error(e, a) == 0.0 for e, a in zip(expected, actual, strict=True))
     with pytest.raises(TraceError, match="iterated"):  # no value, no length: as plain fx
         trace_model(NoMetaKernel(iterate=True), x, frontend="fx")
+
+
+def test_a_channel_count_read_off_another_tensor_becomes_a_number():
+    """x and v lose different channels: C read off x would no longer fit v."""
+    traced, result, errors = compile_checked(ForeignChannels(), (1, 3, 6, 6),
+                                             other_shape=(2, 3, 5, 7))  # fmt: skip
+    assert any("read off another tensor's channels" in note for note in traced.notes)
+    assert result.removed_classes > 0
+    assert max(errors) <= 1e-4  # the other resolution too: H and W stay computed
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "googlenet"])

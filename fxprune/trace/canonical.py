@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.operator_schemas import normalize_function
 
+from fxprune.trace.foreign_sizes import foreign_channel_sizes
+
 __all__ = ["canonicalise"]
 
 aten = torch.ops.aten
@@ -171,16 +173,17 @@ def _share(new: nn.Module, old: nn.Module) -> nn.Module | None:
 
 
 def canonicalise(gm: fx.GraphModule, *, recompile: bool = False) -> list[str]:
-    """Both passes below, with one recompile at the end when the graph changed
+    """The passes below, with one recompile at the end when the graph changed
     (or always, with `recompile`: a front end that left it to us). Returns the
-    notes of both passes."""
+    notes of the passes."""
     notes, turned = _functional_layers_to_modules(gm)
     pad_notes, padded = _fold_zero_padding(gm)
-    if turned or padded:
+    size_notes, sized = foreign_channel_sizes(gm)
+    if turned or padded or sized:
         gm.graph.lint()
-    if turned or padded or recompile:
+    if turned or padded or sized or recompile:
         gm.recompile()  # costs about as much as tracing: once, and only when needed
-    return notes + pad_notes
+    return notes + pad_notes + size_notes
 
 
 def _functional_layers_to_modules(gm: fx.GraphModule) -> tuple[list[str], bool]:
