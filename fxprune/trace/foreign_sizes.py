@@ -27,8 +27,9 @@ _IMAGE_RANKS = (4, 5)  # (N, C, H, W), (N, C, D, H, W): dimension 1 is the chann
 def foreign_channel_sizes(gm: fx.GraphModule) -> tuple[list[str], bool]:
     """Write as numbers the view/reshape sizes computed from another tensor's channel
     count (module docstring); the nodes that computed them go when nothing else reads
-    them. Returns one note per rewritten call and whether the graph changed."""
-    notes: list[str] = []
+    them. Returns a note naming the modules where it did, and whether the graph
+    changed."""
+    places: list[str] = []
     for node in list(gm.graph.nodes):
         if not _is_reshape(node) or not isinstance(node.args[0], fx.Node):
             continue
@@ -44,10 +45,13 @@ def foreign_channel_sizes(gm: fx.GraphModule) -> tuple[list[str], bool]:
         node.args = (viewed, tuple(dims)) if packed else (viewed, *dims)
         for old in dict.fromkeys(replaced):  # C may be read twice by one call
             _erase_if_unused(gm.graph, old)
-        notes.append(f"{_module_of(node)}: {node.target if node.op == 'call_method' else 'reshape'}"
-                     f" sizes {[dims[i] for i in foreign]} read off another tensor's channels "
-                     "written as numbers (as torch.export writes them)")  # fmt: skip
-    return notes, bool(notes)
+        places.append(_module_of(node))
+    if not places:
+        return [], False
+    unique = list(dict.fromkeys(places))
+    listed = ", ".join(unique[:6]) + (f" +{len(unique) - 6} more" if len(unique) > 6 else "")
+    return [f"{len(places)} view/reshape channel sizes read off another tensor's channels "
+            f"written as numbers (as torch.export writes them) in {listed}"], True  # fmt: skip
 
 
 def _module_of(node: fx.Node) -> str:
@@ -63,21 +67,39 @@ def _is_reshape(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is torch.reshape
 
 
-def _reads_foreign_channels(value, viewed: fx.Node, depth: int = 0) -> bool:
-    """True when the int `value` (a node with a known value) is computed from the
-    channel count of an image tensor other than `viewed`."""
+def _reads_foreign_channels(value, viewed: fx.Node) -> bool:
+    """True when the int `value` (a node with a known value) is computed from channel
+    counts of image tensors other than `viewed` and numbers only (`C`, `C // 2`), so
+    that writing it as a number bakes in no batch or spatial size."""
     if not isinstance(value, fx.Node) or not isinstance(value.meta.get("value"), int):
         return False
+    leaves: list[tuple[fx.Node, int] | None] = []
+    _size_leaves(value, leaves, depth=0)
+    return bool(leaves) and all(leaf is not None and _foreign_channel(*leaf, viewed)
+                                for leaf in leaves)  # fmt: skip
+
+
+def _size_leaves(value: fx.Node, leaves: list, depth: int) -> None:
+    """The size reads (tensor, dim) an int node is computed from; None for anything
+    else it depends on (a reduction, an input, too deep an expression)."""
     read = _size_read(value)
     if read is not None:
-        tensor, dim = read
-        shape = getattr(tensor.meta.get("tensor_meta"), "shape", None)
-        if tensor is viewed or shape is None or len(shape) not in _IMAGE_RANKS:
-            return False
-        return dim % len(shape) == 1
-    if value.op == "call_function" and value.target in _ARITHMETIC and depth < 8:
-        return any(_reads_foreign_channels(a, viewed, depth + 1) for a in value.args)
-    return False
+        leaves.append(read)
+    elif value.op == "call_function" and value.target in _ARITHMETIC and depth < 8:
+        for arg in value.args:
+            if isinstance(arg, fx.Node):
+                _size_leaves(arg, leaves, depth + 1)
+            elif not isinstance(arg, int):
+                leaves.append(None)
+    else:
+        leaves.append(None)
+
+
+def _foreign_channel(tensor: fx.Node, dim: int, viewed: fx.Node) -> bool:
+    shape = getattr(tensor.meta.get("tensor_meta"), "shape", None)
+    if tensor is viewed or shape is None or len(shape) not in _IMAGE_RANKS:
+        return False
+    return dim % len(shape) == 1
 
 
 def _size_read(node: fx.Node) -> tuple[fx.Node, int] | None:
