@@ -272,3 +272,21 @@ def test_yolov8n_is_traced_by_fx_with_the_same_meta(monkeypatch):
     expected, actual = model(x), run_model(traced.gm, x)
     assert relative_error(expected[0], actual[0]) <= 1e-6
     _same_meta_as_propagation(traced.gm, x)
+
+
+def test_specialised_graph_with_unreadable_functional_layers_goes_to_export():
+    """timm's 'same' padding: pads computed from the input's size (`max(..., 0)`, a
+    decided condition) before F.conv2d on the module's weight. fx's graph keeps the
+    functional conv (frozen by the analysis), torch.export reads it as a module."""
+    timm = pytest.importorskip("timm")
+    model = nn.Sequential(timm.layers.Conv2dSame(3, 8, 3, stride=2, bias=False),
+                          nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)).eval()  # fmt: skip
+    x = torch.randn(1, 3, 9, 9)
+    fx_only = trace_model(model, x, frontend="fx")
+    assert fx_only.frontend == "fx" and relative_error(model(x), fx_only.gm(x)) == 0.0
+    traced = trace_model(model, x)
+    assert traced.frontend == "export"
+    assert any("torch.export used instead" in note for note in traced.notes)
+    _, result, errors = compile_checked(model, (1, 3, 9, 9))
+    assert result.removed_classes > 0
+    assert max(errors) <= 1e-4

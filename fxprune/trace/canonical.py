@@ -21,7 +21,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from fxprune.trace.foreign_sizes import foreign_channel_sizes
 
-__all__ = ["canonicalise"]
+__all__ = ["canonicalise", "functional_layers"]
 
 aten = torch.ops.aten
 
@@ -53,6 +53,12 @@ def _bind_aten(node: fx.Node) -> dict | None:
     pair = normalize_function(node.target, node.args, node.kwargs,
                               normalize_to_only_use_kwargs=True)  # fmt: skip
     return dict(pair.kwargs) if pair is not None else None
+
+
+def functional_layers(gm: fx.GraphModule) -> list[str]:
+    """The names of the functional conv / batch-norm / linear calls still in `gm`
+    (after `canonicalise`: the ones it could not read as a module)."""
+    return [node.name for node in gm.graph.nodes if _layer_call(node) is not None]
 
 
 def _layer_call(node: fx.Node) -> tuple[str, dict] | None:

@@ -17,7 +17,7 @@ from torch import nn
 from torch._ops import OpOverload
 
 from fxprune.errors import TraceError
-from fxprune.trace.canonical import canonicalise
+from fxprune.trace.canonical import canonicalise, functional_layers
 from fxprune.trace.exported import export_graph
 from fxprune.trace.meta_proxy import MetaFindings, MetaTracer
 from fxprune.trace.shapes import propagate_shapes
@@ -60,18 +60,37 @@ def trace_model(
         gm, used = _export(target, example, None), "export"
     else:
         gm, used, leaves = _trace_fx(target, example, leaves, frontend == "auto", findings)
-    if used == "export" or not findings.complete:
-        propagate_shapes(gm, example)
-    else:  # fx's tracer wrote every shape itself
-        _eval_containers(gm)
-    notes = findings.notes if used == "fx" else []
-    notes += canonicalise(gm, recompile=used == "export")  # export left its recompile to us
+    notes = _shaped_and_canonical(gm, used, findings, example)
+    layers = functional_layers(gm) if used == "fx" and findings.specialised else []
+    if layers and frontend == "auto":
+        # plain fx would have failed here (export was the path) and the graph kept
+        # functional layers (timm's 'same' padding) the analysis cannot read: export
+        # reads them as modules
+        try:
+            gm, used, leaves = export_graph(target, example, recompile=False), "export", {}
+            notes = [f"fx needed the example's shape and kept functional layers "
+                     f"({', '.join(layers[:3])}): torch.export used instead"]  # fmt: skip
+            notes += _shaped_and_canonical(gm, used, findings, example)
+        except TraceError:
+            pass  # fx's graph stays
     kept = sorted({str(n.target) for n in gm.graph.nodes if isinstance(n.target, OpOverload)})
     if kept:
         notes.append(f"aten ops kept as they are (frozen where they touch channels): "
                      f"{', '.join(kept)}")  # fmt: skip
     return Traced(gm=gm, example=example, leaves=leaves, submodule=submodule,
                   frontend=used, notes=notes)  # fmt: skip
+
+
+def _shaped_and_canonical(gm: fx.GraphModule, used: str, findings: MetaFindings,
+                          example: torch.Tensor) -> list[str]:  # fmt: skip
+    """Shapes on every node (propagated, unless fx's tracer wrote them all), then the
+    graph in one vocabulary; the notes of both."""
+    if used == "export" or not findings.complete:
+        propagate_shapes(gm, example)
+    else:
+        _eval_containers(gm)
+    notes = list(findings.notes) if used == "fx" else []
+    return notes + canonicalise(gm, recompile=used == "export")  # export left it to us
 
 
 def _trace_fx(target: nn.Module, example: torch.Tensor, leaves: dict[str, str], auto: bool,

@@ -60,6 +60,7 @@ class MetaFindings:
 
     complete: bool = True
     notes: list[str] = field(default_factory=list)
+    specialised: bool = False  # a branch or loop was decided by the example's shape
 
 
 class MetaProxy(fx.Proxy):
@@ -107,6 +108,7 @@ class MetaTracer(LeafPolicyTracer):
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
         self.findings.complete, self.findings.notes[:] = True, []
+        self.findings.specialised = False
         self.values.clear()
         self.pending.clear()
         self.modules.clear()
@@ -121,6 +123,7 @@ class MetaTracer(LeafPolicyTracer):
             self._catch_up()  # fx's patches are gone: module attributes read at full speed
         for node in dict.fromkeys(self.specialised):
             _erase_unused(graph, node)
+        self.findings.specialised = bool(self.branches or self.unrolled)
         self.findings.notes += _where("took the example's branch of {} on shapes",
                                       ("a condition", "{} conditions"), self.branches)  # fmt: skip
         self.findings.notes += _where("unrolled {} over a tensor's first dimension",
