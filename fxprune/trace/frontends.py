@@ -45,7 +45,8 @@ def trace_model(
 
     `frontend` "fx" traces symbolically, "export" uses torch.export, "auto"
     uses fx and switches to export when fx fails or has to leave parts of
-    the model opaque (and export succeeds). The input module is never
+    the model opaque, or followed it only on the example's shape and kept
+    functional layers (and export succeeds). The input module is never
     mutated; with `copy_module=False` the graph shares the module's layers (no
     copy; for a module nobody else holds): later zeroing writes into them.
     With `submodule`, `example` must be the input of that submodule.
@@ -62,23 +63,31 @@ def trace_model(
         gm, used, leaves = _trace_fx(target, example, leaves, frontend == "auto", findings)
     notes = _shaped_and_canonical(gm, used, findings, example)
     layers = functional_layers(gm) if used == "fx" and findings.specialised else []
-    if layers and frontend == "auto":
-        # plain fx would have failed here (export was the path) and the graph kept
-        # functional layers (timm's 'same' padding) the analysis cannot read: export
-        # reads them as modules
-        try:
-            gm, used, leaves = export_graph(target, example, recompile=False), "export", {}
-            notes = [f"fx needed the example's shape and kept functional layers "
-                     f"({', '.join(layers[:3])}): torch.export used instead"]  # fmt: skip
-            notes += _shaped_and_canonical(gm, used, findings, example)
-        except TraceError:
-            pass  # fx's graph stays
+    exported = _export_instead(target, example, layers) if frontend == "auto" else None
+    if exported is not None:
+        gm, notes, used, leaves = *exported, "export", {}
     kept = sorted({str(n.target) for n in gm.graph.nodes if isinstance(n.target, OpOverload)})
     if kept:
         notes.append(f"aten ops kept as they are (frozen where they touch channels): "
                      f"{', '.join(kept)}")  # fmt: skip
     return Traced(gm=gm, example=example, leaves=leaves, submodule=submodule,
                   frontend=used, notes=notes)  # fmt: skip
+
+
+def _export_instead(target: nn.Module, example: torch.Tensor, layers: list[str]):
+    """(graph, notes) of torch.export for a model fx followed only by taking the
+    example's branch (plain fx failed there: export was the path) and whose graph
+    kept functional `layers` (timm's 'same' padding) the analysis cannot read and
+    export reads as modules; None when there are none, or export fails."""
+    if not layers:
+        return None
+    try:
+        gm = export_graph(target, example, recompile=False)
+        notes = _shaped_and_canonical(gm, "export", MetaFindings(complete=False), example)
+    except TraceError:
+        return None  # fx's graph stays
+    return gm, [f"fx needed the example's shape and kept functional layers "
+                f"({', '.join(layers[:3])}): torch.export used instead", *notes]  # fmt: skip
 
 
 def _shaped_and_canonical(gm: fx.GraphModule, used: str, findings: MetaFindings,
