@@ -146,9 +146,10 @@ class MetaTracer(LeafPolicyTracer):
         if not self.findings.complete:
             return
         self.computing = True
+        compute = self._compute
         try:
             for node in pending:
-                if not self._compute(node):
+                if not compute(node):
                     self.findings.complete = False
                     return
         finally:
@@ -284,6 +285,7 @@ class _factories_as_nodes:
             setattr(torch, name, original)
 
 
+@functools.cache  # one wrapper per factory, made once (not on every trace)
 def _as_node(original):
     @functools.wraps(original)
     def factory(*args, **kwargs):
