@@ -60,8 +60,9 @@ class SharedWeight(nn.Module):
 
 
 class YoloLike(nn.Module):
-    """`forward(x, *args, **kwargs)`, a C2f-style chunk + cat, a shape check fx
-    cannot follow (`if self.shape != x.shape`) and a dict output."""
+    """`forward(x, *args, **kwargs)`, a C2f-style `list(chunk)` + cat, a shape check
+    (`if self.shape != x.shape`) and a dict output: plain fx follows neither the
+    list nor the check, fx with meta values (trace/meta_proxy.py) follows both."""
 
     input_shape = (1, 3, 16, 16)
 
@@ -84,6 +85,16 @@ class YoloLike(nn.Module):
         if self.shape != x.shape:  # Ultralytics' Detect rebuilds anchors this way
             self.shape = x.shape
         return {"boxes": self.head(x), "features": x}
+
+
+class IntSizeLike(YoloLike):
+    """YoloLike that also turns a traced size into a Python int, as code written for
+    eager mode does: fx cannot follow `int()`, torch.export can."""
+
+    def forward(self, x, *args, **kwargs):
+        out = super().forward(x)
+        half = int(out["features"].shape[-1] // 2)
+        return {"boxes": out["boxes"], "features": out["features"][..., :half]}
 
 
 class HfLike(nn.Module):
@@ -122,6 +133,10 @@ def timm_like() -> nn.Module:
 
 def yolo_like() -> nn.Module:
     return _half_gamma(YoloLike())
+
+
+def int_size_like() -> nn.Module:
+    return _half_gamma(IntSizeLike())
 
 
 # The real libraries, small and offline (the CLI tests skip when one is missing).

@@ -16,13 +16,13 @@ import pytest
 import torch
 from frontend_models import (
     HfLike,
+    IntSizeLike,
     PoseLike,
     SharedWeight,
     TfPadding,
     TimmLike,
-    YoloLike,
+    int_size_like,
     timm_like,
-    yolo_like,
 )
 from helpers import compile_checked
 from torch import nn
@@ -79,7 +79,7 @@ def test_shared_weight_stays_functional_and_frozen():
 
 
 def test_untraceable_model_goes_through_export_with_user_names():
-    model = yolo_like().eval()
+    model = int_size_like().eval()
     x = torch.randn(1, 3, 16, 16)
     traced = trace_model(model, x)
     assert traced.frontend == "export"
@@ -121,7 +121,7 @@ def test_frontend_can_be_forced():
     x = torch.randn(1, 3, 16, 16)
     assert trace_model(timm_like().eval(), x, frontend="export").frontend == "export"
     with pytest.raises(TraceError, match="--submodule"):
-        trace_model(YoloLike().eval(), x, frontend="fx")
+        trace_model(IntSizeLike().eval(), x, frontend="fx")
     with pytest.raises(TraceError, match="front end"):
         trace_model(TimmLike().eval(), x, frontend="onnx")
 
@@ -166,7 +166,7 @@ def test_literal_view_of_a_split_channel_axis_is_kept():
 
 # -- through the installed `fxprune` command ----------------------------------
 def test_cli_reports_the_front_end_and_compiles_exactly(tmp_path):
-    result = fxprune("compile", "frontend_models:yolo_like", "--out", "y.ts", cwd=tmp_path)
+    result = fxprune("compile", "frontend_models:int_size_like", "--out", "y.ts", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "front end: export" in result.stderr
     assert "max relative error vs original" in result.stdout
@@ -197,9 +197,12 @@ def test_cli_compiles_library_models(tmp_path, factory, package):
     assert artifact is not None
     if factory == "yolov8n":  # the trace JSON is the only thing on stdout
         traced = fxprune("trace", f"frontend_models:{factory}", "--format", "json", cwd=tmp_path)
-        assert json.loads(traced.stdout)["frontend"] == "export"
-        # every aten op of the box decoder is read as a Python-level call: the compact
-        # YOLO scripts (it was traced, the decoder's aten ops cannot be scripted)
+        data = json.loads(traced.stdout)
+        assert data["frontend"] == "fx"  # meta values carry fx through C2f and Detect
+        # Detect's `if self.shape != shape` took the example's branch, and says so
+        assert any("model.22" in note and "shape" in note for note in data["notes"])
+        # no aten op is kept (the box decoder is Python-level calls): the compact YOLO
+        # scripts rather than being traced
         assert "aten ops kept" not in traced.stdout + traced.stderr
         assert "used torch.jit.trace" not in result.stdout + result.stderr
 

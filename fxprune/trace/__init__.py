@@ -1,8 +1,10 @@
 """Stage 2, trace: a user's module to an analysable, shape-annotated graph.
 
-Front ends: `symbolic` (torch.fx symbolic tracing with a leaf-module policy)
-and `exported` (torch.export, non-strict, its aten ops rewritten into the
-same vocabulary by `aten_ops`); `canonical` turns functional layers on one
+Front ends: `symbolic` (torch.fx symbolic tracing with a leaf-module policy;
+`meta_proxy` gives its proxies meta values, so it follows shapes through
+`list(x.chunk(...))`, `if self.shape != shape` and `torch.arange(end=w)`) and
+`exported` (torch.export, non-strict, its aten ops rewritten into the same
+vocabulary by `aten_ops`); `canonical` turns functional layers on one
 module's parameters into that module; `frontends.trace_model` picks one.
 Shapes land in `node.meta["tensor_meta"]` / `node.meta["value"]`.
 """

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.operator_schemas import normalize_function
 
-__all__ = ["canonicalise"]
+from fxprune.trace.foreign_sizes import foreign_channel_sizes
+
+__all__ = ["canonicalise", "functional_layers"]
 
 aten = torch.ops.aten
 
@@ -51,6 +53,12 @@ def _bind_aten(node: fx.Node) -> dict | None:
     pair = normalize_function(node.target, node.args, node.kwargs,
                               normalize_to_only_use_kwargs=True)  # fmt: skip
     return dict(pair.kwargs) if pair is not None else None
+
+
+def functional_layers(gm: fx.GraphModule) -> list[str]:
+    """The names of the functional conv / batch-norm / linear calls still in `gm`
+    (after `canonicalise`: the ones it could not read as a module)."""
+    return [node.name for node in gm.graph.nodes if _layer_call(node) is not None]
 
 
 def _layer_call(node: fx.Node) -> tuple[str, dict] | None:
@@ -171,16 +179,17 @@ def _share(new: nn.Module, old: nn.Module) -> nn.Module | None:
 
 
 def canonicalise(gm: fx.GraphModule, *, recompile: bool = False) -> list[str]:
-    """Both passes below, with one recompile at the end when the graph changed
+    """The passes below, with one recompile at the end when the graph changed
     (or always, with `recompile`: a front end that left it to us). Returns the
-    notes of both passes."""
+    notes of the passes."""
     notes, turned = _functional_layers_to_modules(gm)
     pad_notes, padded = _fold_zero_padding(gm)
-    if turned or padded:
+    size_notes, sized = foreign_channel_sizes(gm)
+    if turned or padded or sized:
         gm.graph.lint()
-    if turned or padded or recompile:
+    if turned or padded or sized or recompile:
         gm.recompile()  # costs about as much as tracing: once, and only when needed
-    return notes + pad_notes
+    return notes + pad_notes + size_notes
 
 
 def _functional_layers_to_modules(gm: fx.GraphModule) -> tuple[list[str], bool]:

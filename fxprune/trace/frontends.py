@@ -1,7 +1,8 @@
 """The front door of the trace stage: a user's module to an analysable graph.
 
-`trace_model` picks a front end ("fx": symbolic tracing, `symbolic.py`;
-"export": torch.export, `exported.py`), propagates shapes, then writes the
+`trace_model` picks a front end ("fx": symbolic tracing, `symbolic.py`, with
+proxies that carry meta values, `meta_proxy.py`, which write the shapes as they
+go; "export": torch.export, `exported.py`), propagates shapes, then writes the
 graph in one vocabulary (`canonical.py`), so the analysis never asks where a
 graph came from.
 """
@@ -11,12 +12,14 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.fx as fx
 from torch import nn
 from torch._ops import OpOverload
 
 from fxprune.errors import TraceError
-from fxprune.trace.canonical import canonicalise
+from fxprune.trace.canonical import canonicalise, functional_layers
 from fxprune.trace.exported import export_graph
+from fxprune.trace.meta_proxy import MetaFindings, MetaTracer
 from fxprune.trace.shapes import propagate_shapes
 from fxprune.trace.symbolic import (
     LeafNeeded,
@@ -42,7 +45,8 @@ def trace_model(
 
     `frontend` "fx" traces symbolically, "export" uses torch.export, "auto"
     uses fx and switches to export when fx fails or has to leave parts of
-    the model opaque (and export succeeds). The input module is never
+    the model opaque, or followed it only on the example's shape and kept
+    functional layers (and export succeeds). The input module is never
     mutated; with `copy_module=False` the graph shares the module's layers (no
     copy; for a module nobody else holds): later zeroing writes into them.
     With `submodule`, `example` must be the input of that submodule.
@@ -52,12 +56,16 @@ def trace_model(
     target = resolve_submodule(module, submodule) if submodule else module
     target = (copy.deepcopy(target) if copy_module else target).eval()
     leaves: dict[str, str] = {}
+    findings = MetaFindings(complete=False)
     if frontend == "export":
         gm, used = _export(target, example, None), "export"
     else:
-        gm, used, leaves = _trace_fx(target, example, leaves, auto=frontend == "auto")
-    propagate_shapes(gm, example)
-    notes = canonicalise(gm, recompile=used == "export")  # export left its recompile to us
+        gm, used, leaves = _trace_fx(target, example, leaves, frontend == "auto", findings)
+    notes = _shaped_and_canonical(gm, used, findings, example)
+    layers = functional_layers(gm) if used == "fx" and findings.specialised else []
+    exported = _export_instead(target, example, layers) if frontend == "auto" else None
+    if exported is not None:
+        gm, notes, used, leaves = *exported, "export", {}
     kept = sorted({str(n.target) for n in gm.graph.nodes if isinstance(n.target, OpOverload)})
     if kept:
         notes.append(f"aten ops kept as they are (frozen where they touch channels): "
@@ -66,13 +74,49 @@ def trace_model(
                   frontend=used, notes=notes)  # fmt: skip
 
 
-def _trace_fx(target: nn.Module, example: torch.Tensor, leaves: dict[str, str], auto: bool):
+def _export_instead(target: nn.Module, example: torch.Tensor, layers: list[str]):
+    """(graph, notes) of torch.export for a model fx followed only by taking the
+    example's branch (plain fx failed there: export was the path) and whose graph
+    kept functional `layers` (timm's 'same' padding) the analysis cannot read and
+    export reads as modules; None when there are none, or export fails."""
+    if not layers:
+        return None
+    try:
+        gm = export_graph(target, example, recompile=False)
+        notes = _shaped_and_canonical(gm, "export", MetaFindings(complete=False), example)
+    except TraceError:
+        return None  # fx's graph stays
+    return gm, [f"fx needed the example's shape and kept functional layers "
+                f"({', '.join(layers[:3])}): torch.export used instead", *notes]  # fmt: skip
+
+
+def _shaped_and_canonical(gm: fx.GraphModule, used: str, findings: MetaFindings,
+                          example: torch.Tensor) -> list[str]:  # fmt: skip
+    """Shapes on every node (propagated, unless fx's tracer wrote them all), then the
+    graph in one vocabulary; the notes of both."""
+    if used == "export" or not findings.complete:
+        propagate_shapes(gm, example)
+    else:
+        _eval_containers(gm)
+    notes = list(findings.notes) if used == "fx" else []
+    return notes + canonicalise(gm, recompile=used == "export")  # export left it to us
+
+
+def _trace_fx(target: nn.Module, example: torch.Tensor, leaves: dict[str, str], auto: bool,
+              findings: MetaFindings):  # fmt: skip
     """(gm, front end used, leaves). With `auto`, export is tried as soon as fx
     meets the first submodule it cannot trace (a graph with such a leaf, or no
     graph, would go to export anyway), so fx does not re-trace the model once
-    per untraceable submodule only to be replaced."""
+    per untraceable submodule only to be replaced. fx's tracer carries meta
+    values (`meta_proxy`); `findings` gets what it learnt."""
+
+    def make_tracer(leaves: dict[str, str]) -> MetaTracer:
+        return MetaTracer(leaves, example, findings)
+
     try:
-        return symbolic_trace(bound_to_input(target), leaves, stop_at_leaf=auto), "fx", leaves
+        gm = symbolic_trace(bound_to_input(target), leaves, stop_at_leaf=auto,
+                            make_tracer=make_tracer)  # fmt: skip
+        return gm, "fx", leaves
     except LeafNeeded:
         pass
     except TraceError as fx_error:
@@ -86,11 +130,24 @@ def _trace_fx(target: nn.Module, example: torch.Tensor, leaves: dict[str, str], 
     except TraceError as exc:
         export_error = exc
     try:  # export failed too: fx's graph with the untraceable parts as leaves
-        return symbolic_trace(bound_to_input(target), leaves), "fx", leaves
+        return symbolic_trace(bound_to_input(target), leaves, make_tracer=make_tracer), "fx", leaves
     except TraceError as fx_error:
         raise TraceError(f"{fx_error}; {export_error}") from fx_error
     finally:
         unbind(target)
+
+
+def _eval_containers(gm: fx.GraphModule) -> None:
+    """`gm.eval()` for a graph over modules already in eval mode: only `gm` and the
+    containers it made to hold them (`layer1`, `layer1.0`, ...) can be training; the
+    walk stops at the user's modules."""
+    gm.training = False
+    stack: list[nn.Module] = [child for child in gm._modules.values() if child is not None]
+    while stack:
+        module = stack.pop()
+        if module.training:
+            module.training = False
+            stack.extend(child for child in module._modules.values() if child is not None)
 
 
 def _export(target: nn.Module, example: torch.Tensor, fx_error):

@@ -33,6 +33,11 @@ SAME_SHAPE = (
     nn.GELU,
     nn.LeakyReLU,
 )
+# torch functions that make a tensor from sizes: called with traced sizes they are graph
+# nodes (meta_proxy), and on the meta device they are asked for meta tensors.
+TENSOR_FACTORIES = ("arange", "full", "zeros", "ones", "empty", "linspace", "logspace", "eye",
+                    "rand", "randn", "tensor")  # fmt: skip
+_FACTORY_FUNCTIONS = frozenset(getattr(torch, name) for name in TENSOR_FACTORIES)
 # The input ranks each BatchNorm accepts; anything else goes to the module, which raises.
 BN_RANKS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
 
@@ -63,6 +68,9 @@ class _ShapeRecorder:
         self.meta_modules: dict[str, nn.Module] = {}
 
     def record(self, n: fx.Node, result) -> None:
+        if isinstance(result, torch.Tensor):  # the common case, without the walk below
+            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+            return
         found = False
 
         def tensor_meta(obj):
@@ -93,18 +101,26 @@ class _ShapeRecorder:
     def call_function(self, target, args: tuple, kwargs: dict):
         formula = None
         if self.on_meta:
+            if target in _FACTORY_FUNCTIONS:
+                return target(*args, **{**kwargs, "device": "meta"})
             formula = binary_output(target, args, kwargs)
             formula = unary_output(target, args, kwargs) if formula is None else formula
         return target(*args, **kwargs) if formula is None else formula
 
     def get_attr(self, target: str, value):
-        if self.on_meta and isinstance(value, torch.Tensor):
+        # A number fx captured from the forward's Python (`_tensor_constant0`, e.g. a
+        # stride) stays real: a fill value or factor must be read, and costs nothing.
+        if self.on_meta and isinstance(value, torch.Tensor) and not _captured_number(target, value):
             return value.detach().to("meta")
         return value
 
     def run(self, gm: fx.GraphModule, example: torch.Tensor) -> None:
         run_graph(gm, [example], on_result=self.record, call_module=self.call_module,
                   call_function=self.call_function, get_attr=self.get_attr)  # fmt: skip
+
+
+def _captured_number(target: str, value: torch.Tensor) -> bool:
+    return value.dim() == 0 and not value.is_meta and target.startswith("_tensor_constant")
 
 
 def meta_copy(module: nn.Module) -> nn.Module:
@@ -163,4 +179,4 @@ def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
         ) from exc
 
 
-__all__ = ["SAME_SHAPE", "propagate_shapes"]
+__all__ = ["SAME_SHAPE", "TENSOR_FACTORIES", "propagate_shapes"]

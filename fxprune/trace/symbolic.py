@@ -9,6 +9,8 @@ values (sizes, ints, tuples) `node.meta["value"]`. Later stages read these.
 from __future__ import annotations
 
 import inspect
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -91,20 +93,29 @@ class LeafNeeded(Exception):
 
 
 def symbolic_trace(
-    module: nn.Module, leaves: dict[str, str] | None = None, *, stop_at_leaf: bool = False
+    module: nn.Module,
+    leaves: dict[str, str] | None = None,
+    *,
+    stop_at_leaf: bool = False,
+    make_tracer: Callable[[dict[str, str]], LeafPolicyTracer] = LeafPolicyTracer,
 ) -> fx.GraphModule:
     """Trace `module`, turning submodules fx cannot trace into recorded leaves.
 
     When a submodule fails, it becomes a leaf (reason: fx's first error line)
     and tracing restarts (or, with `stop_at_leaf`, LeafNeeded is raised); when
     the root's own forward fails, a TraceError names it and suggests
-    `--submodule`. `leaves` is filled in place.
+    `--submodule`. `leaves` is filled in place. `make_tracer(leaves)` makes the
+    tracer of each attempt. Attributes the forward assigns on its modules while
+    traced (Ultralytics' Detect stores proxies in `self.anchors`) are undone:
+    `module` is left as it was.
     """
     leaves = {} if leaves is None else leaves
     for _ in range(_MAX_AUTO_LEAVES):
-        tracer = LeafPolicyTracer(leaves)
+        tracer = make_tracer(leaves)
+        saved = _attributes(module)
         try:
             graph = tracer.trace(module)
+            gm = graph_module(tracer.root, graph, type(module).__name__, lazy=True)  # code: on use
         except Exception as exc:  # fx raises many types: TraceError, TypeError, ...
             culprit = tracer.innermost_module()
             if not culprit or culprit in leaves:
@@ -117,12 +128,37 @@ def symbolic_trace(
             if stop_at_leaf:
                 raise LeafNeeded(culprit) from exc
             continue
-        name = type(module).__name__
-        return graph_module(tracer.root, graph, name, lazy=True)  # code: when first run
+        finally:
+            _restore_attributes(saved)
+        return gm
     parts = ", ".join(list(leaves)[:4]) + (f" +{len(leaves) - 4} more" if len(leaves) > 4 else "")
     raise TraceError(
         f"torch.fx cannot trace {type(module).__name__}: too many untraceable parts ({parts})"
     )
+
+
+def _attributes(module: nn.Module) -> list[tuple[nn.Module, dict]]:
+    """Every submodule with a copy of its `__dict__` (its plain attributes); walks
+    `_modules` itself (a module shared by two parents is listed twice, harmlessly),
+    several times faster than `modules()` on a large model."""
+    saved, stack = [], [module]
+    while stack:
+        m = stack.pop()
+        saved.append((m, m.__dict__.copy()))
+        stack.extend(child for child in m._modules.values() if child is not None)
+    return saved
+
+
+def _restore_attributes(saved: list[tuple[nn.Module, dict]]) -> None:
+    """Give each module the plain attributes `_attributes` saved: added ones go,
+    replaced ones come back (no-op for a module the trace did not touch)."""
+    for module, before in saved:
+        now = module.__dict__
+        if len(now) == len(before) and all(map(operator.is_, now.values(), before.values())):
+            if now.keys() == before.keys():
+                continue
+        now.clear()
+        now.update(before)
 
 
 def resolve_submodule(module: nn.Module, path: str) -> nn.Module:

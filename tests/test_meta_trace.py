@@ -1,0 +1,292 @@
+"""fx with meta values (trace/meta_proxy.py): iteration, shape branches, factories.
+
+Every test runs the original module and the traced (or compiled) graph on the same
+input and compares their outputs; the shapes written while tracing must be the ones
+`propagate_shapes` writes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from frontend_models import yolov8n
+from helpers import compile_checked
+from torch import nn
+
+from fxprune.errors import TraceError
+from fxprune.trace import frontends, propagate_shapes, trace_model
+from fxprune.verify import relative_error, run_model
+
+
+class ChunkList(nn.Module):
+    """Ultralytics' C2f: `list(conv(x).chunk(2, 1))`, extended, concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cv1 = nn.Sequential(nn.Conv2d(3, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.m = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.cv2 = nn.Sequential(nn.Conv2d(24, 8, 1, bias=False), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.append(self.m(y[-1]))
+        assert len(y) == 3 and len(y[0]) == x.shape[0]  # len() of a list and of a proxy
+        return self.cv2(torch.cat(y, 1))
+
+
+class ShapeBranch(nn.Module):
+    """A branch on the input's size (`if x.shape[-1] > 8`): taken as the example's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if x.shape[-1] > 8:
+            return y * 2.0
+        return y + 1.0
+
+
+class Anchors(nn.Module):
+    """Ultralytics' Detect: anchors from `torch.arange(end=w)`, rebuilt when the shape
+    changes, kept on the module itself (`self.anchors`, `self.shape`)."""
+
+    shape = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+        self.anchors = torch.empty(0)
+
+    def forward(self, x):
+        y = self.conv(x)
+        shape = y.shape
+        if self.shape != shape:
+            h, w = shape[2:]
+            sx = torch.arange(end=w, dtype=y.dtype) + 0.5
+            sy = torch.arange(h).type_as(y) + 0.5
+            grid_y, grid_x = torch.meshgrid(sy, sx, indexing="ij")
+            self.anchors = torch.stack((grid_x, grid_y))  # (2, H, W)
+            self.shape = shape
+        return y * self.anchors.unsqueeze(0) + torch.full((1, 2, 1, w), 2.0)
+
+
+class DataBranch(nn.Module):
+    """A branch on the data (`if x.sum() > 0`): never guessed."""
+
+    def forward(self, x):
+        return x * 2.0 if x.sum() > 0 else x - 1.0
+
+
+class WithDataBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.gate = DataBranch()
+
+    def forward(self, x):
+        return self.gate(self.conv(x))
+
+
+class NoMetaKernel(nn.Module):
+    """`torch.nonzero` has no meta value (its size is the data's): shapes are then
+    propagated by a real run, and nothing after it can be iterated."""
+
+    def __init__(self, iterate: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.iterate = iterate
+
+    def forward(self, x):
+        y = self.conv(x)
+        hits = torch.nonzero(y > 0)
+        if self.iterate:
+            return [row.sum() for row in hits]
+        return y, hits.float().mean()
+
+
+class ForeignChannels(nn.Module):
+    """Ultralytics' C2PSA attention: `B, C, H, W = x.shape`, then another tensor (the
+    attention's values, from their own conv) viewed with x's channel count C."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cv1 = nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.qkv = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.proj = nn.Conv2d(8, 4, 1)
+
+    def forward(self, inp):
+        x = self.cv1(inp)
+        B, C, H, W = x.shape
+        v = self.qkv(x).view(B, 8, H * W)
+        return self.proj((v * 2.0).view(B, C, H, W)), x
+
+
+def _traced(model: nn.Module, x: torch.Tensor, monkeypatch, **kwargs):
+    """trace_model, and whether it had to propagate shapes separately."""
+    calls = []
+
+    def counted(gm, example):
+        calls.append(gm)
+        propagate_shapes(gm, example)
+
+    monkeypatch.setattr(frontends, "propagate_shapes", counted)
+    return trace_model(model, x, **kwargs), bool(calls)
+
+
+def _same_meta_as_propagation(gm, example) -> None:
+    """The metadata every node got while traced is what `propagate_shapes` writes."""
+    written = {n: (n.meta.get("tensor_meta"), n.meta.get("value", "-")) for n in gm.graph.nodes}
+    for n in gm.graph.nodes:
+        n.meta.pop("tensor_meta", None)
+        n.meta.pop("value", None)
+    propagate_shapes(gm, example)
+    for n in gm.graph.nodes:
+        assert written[n] == (n.meta.get("tensor_meta"), n.meta.get("value", "-")), n.name
+
+
+def test_chunk_list_is_traced_by_fx_and_compiles_exactly(monkeypatch):
+    model, x = ChunkList().eval(), torch.randn(2, 3, 8, 8)
+    traced, propagated = _traced(model, x, monkeypatch)
+    assert traced.frontend == "fx" and not traced.leaves and not propagated
+    assert relative_error(model(x), traced.gm(x)) == 0.0
+    _same_meta_as_propagation(traced.gm, x)
+    _, result, errors = compile_checked(ChunkList(), (2, 3, 8, 8), other_shape=(1, 3, 12, 12))
+    assert result.removed_classes > 0
+    assert max(errors) <= 1e-4
+
+
+def test_shape_branch_takes_the_examples_branch_and_says_so(monkeypatch):
+    model, x = ShapeBranch().eval(), torch.randn(1, 3, 16, 16)
+    traced, propagated = _traced(model, x, monkeypatch, frontend="fx")
+    assert not propagated
+    assert relative_error(model(x), traced.gm(x)) == 0.0
+    assert "fx took the example's branch of a condition on shapes in the model's forward" in (
+        " ".join(traced.notes)
+    )
+    # the decided condition left nothing behind
+    assert all(n.target is not getattr for n in traced.gm.graph.nodes)
+    _same_meta_as_propagation(traced.gm, x)
+
+
+def test_tensor_factories_on_traced_sizes_become_nodes(monkeypatch):
+    arange, full = torch.arange, torch.full
+    model, x = Anchors().eval(), torch.randn(1, 3, 6, 10)
+    traced, propagated = _traced(model, x, monkeypatch, frontend="fx")
+    assert torch.arange is arange and torch.full is full  # restored after tracing
+    assert not propagated
+    targets = [n.target for n in traced.gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(arange) == 2 and full in targets
+    # one condition decided (`self.shape != shape`): the traced sizes were never bool()ed
+    assert "branch of a condition on shapes" in " ".join(traced.notes)
+    assert relative_error(model(x), traced.gm(x)) == 0.0
+    # the sizes are nodes, not numbers: another input size is still exact (only the
+    # branch was specialised, and the example's branch is the one that rebuilds)
+    other = torch.randn(2, 3, 5, 7)
+    assert relative_error(_fresh_anchors(model)(other), traced.gm(other)) == 0.0
+    _same_meta_as_propagation(traced.gm, x)
+
+
+def _fresh_anchors(model: Anchors) -> Anchors:
+    fresh = Anchors().eval()
+    fresh.load_state_dict(model.state_dict())
+    return fresh
+
+
+def test_attributes_the_forward_sets_are_restored():
+    model, x = Anchors().eval(), torch.randn(1, 3, 4, 4)
+    before = {name: dict(m.__dict__) for name, m in model.named_modules()}
+    traced = trace_model(model, x, frontend="fx", copy_module=False)
+    after = {name: dict(m.__dict__) for name, m in model.named_modules()}
+    assert after.keys() == before.keys()
+    for name, attributes in before.items():
+        assert after[name].keys() == attributes.keys(), name
+        assert all(after[name][k] is v for k, v in attributes.items()), name
+    assert model.shape is None and model.anchors.numel() == 0
+    assert relative_error(model(x), traced.gm(x)) == 0.0  # the user's module still runs
+
+
+def test_data_dependent_branch_is_never_guessed():
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(TraceError, match="control flow"):
+        trace_model(DataBranch(), x, frontend="fx")
+    model = WithDataBranch().eval()
+    traced = trace_model(model, x, frontend="fx")
+    assert "control flow" in traced.leaves["gate"]  # kept opaque, as plain fx keeps it
+    assert relative_error(model(x), traced.gm(x)) == 0.0
+    assert relative_error(model(-x), traced.gm(-x)) == 0.0  # both branches still there
+
+
+def test_device_checks_are_not_answered_by_the_meta_device():
+    class DeviceBranch(nn.Module):
+        def forward(self, x):
+            return x + 1.0 if x.device.type == "cpu" else x
+
+    with pytest.raises(TraceError, match="control flow"):
+        trace_model(DeviceBranch(), torch.randn(2, 3), frontend="fx")
+    assert DeviceBranch()(torch.zeros(1)).item() == 1.0
+
+
+def test_an_op_without_meta_value_falls_back_to_propagation(monkeypatch):
+    model, x = NoMetaKernel().eval(), torch.randn(1, 3, 4, 4)
+    traced, propagated = _traced(model, x, monkeypatch, frontend="fx")
+    assert propagated
+    assert all("tensor_meta" in n.meta for n in traced.gm.graph.nodes if n.op != "output")
+    expected, actual = model(x), traced.gm(x)
+    assert all(relative_error(e, a) == 0.0 for e, a in zip(expected, actual, strict=True))
+    with pytest.raises(TraceError, match="iterated"):  # no value, no length: as plain fx
+        trace_model(NoMetaKernel(iterate=True), x, frontend="fx")
+
+
+def test_a_channel_count_read_off_another_tensor_becomes_a_number():
+    """x and v lose different channels: C read off x would no longer fit v."""
+    traced, result, errors = compile_checked(ForeignChannels(), (1, 3, 6, 6),
+                                             other_shape=(2, 3, 5, 7))  # fmt: skip
+    assert any("read off another tensor's channels" in note for note in traced.notes)
+    assert result.removed_classes > 0
+    assert max(errors) <= 1e-4  # the other resolution too: H and W stay computed
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "googlenet"])
+def test_meta_written_while_tracing_equals_propagation_torchvision(name, monkeypatch):
+    from fxprune import zoo
+
+    model, x = zoo.create_model(name).eval(), torch.randn(1, 3, 64, 64)
+    traced, propagated = _traced(model, x, monkeypatch)
+    assert traced.frontend == "fx" and not propagated
+    assert not any(m.training for m in traced.gm.modules())  # as propagate_shapes leaves it
+    assert relative_error(model(x), run_model(traced.gm, x)) <= 1e-6
+    _same_meta_as_propagation(traced.gm, x)
+
+
+def test_yolov8n_is_traced_by_fx_with_the_same_meta(monkeypatch):
+    pytest.importorskip("ultralytics")
+    model, x = yolov8n().eval(), torch.randn(1, 3, 64, 64)
+    head = model.model[-1]
+    before = dict(head.__dict__)  # the build's forward pass left anchors for 256 px
+    traced, propagated = _traced(model, x, monkeypatch, copy_module=False)
+    assert traced.frontend == "fx" and not traced.leaves and not propagated
+    assert not any(m.training for m in traced.gm.modules())
+    assert head.__dict__ == before  # Detect's anchors, strides and shape left as they were
+    expected, actual = model(x), run_model(traced.gm, x)
+    assert relative_error(expected[0], actual[0]) <= 1e-6
+    _same_meta_as_propagation(traced.gm, x)
+
+
+def test_specialised_graph_with_unreadable_functional_layers_goes_to_export():
+    """timm's 'same' padding: pads computed from the input's size (`max(..., 0)`, a
+    decided condition) before F.conv2d on the module's weight. fx's graph keeps the
+    functional conv (frozen by the analysis), torch.export reads it as a module."""
+    timm = pytest.importorskip("timm")
+    model = nn.Sequential(timm.layers.Conv2dSame(3, 8, 3, stride=2, bias=False),
+                          nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)).eval()  # fmt: skip
+    x = torch.randn(1, 3, 9, 9)
+    fx_only = trace_model(model, x, frontend="fx")
+    assert fx_only.frontend == "fx" and relative_error(model(x), fx_only.gm(x)) == 0.0
+    traced = trace_model(model, x)
+    assert traced.frontend == "export"
+    assert any("torch.export used instead" in note for note in traced.notes)
+    _, result, errors = compile_checked(model, (1, 3, 9, 9))
+    assert result.removed_classes > 0
+    assert max(errors) <= 1e-4
