@@ -192,6 +192,7 @@ def compare(name: str, repeats: int, size: int) -> list:
     else:
         tp_col, tp_err = f"{tp_s:.3g}", output_error(expected, tp_model, x)
         tp_ms = float("nan") if isinstance(tp_err, str) else 1000 * latency(tp_model, x)
+    fx_err, tp_err = (f"{e:.3g}" if isinstance(e, float) else e for e in (fx_err, tp_err))
     return [name, fx_s, tp_col, ratio, fx_err, tp_err, fx_ms, tp_ms]
 
 
