@@ -6,15 +6,16 @@ rules make constant). So its value is what the node's own op computes from
 its inputs' constant values: `constant_values` runs each node that has a
 constant channel once, on inputs of batch 1 whose channels hold those values
 (0 where an input channel is not constant) and whose spatial size is 1, or the
-smallest size the op accepts. Structural nodes (cat, split, reshape, shuffles)
-move channels without computing: their values follow the channel ids.
+smallest size the op accepts. Structural nodes (cat, split, reshape, shuffles) run
+the same way: a channel id does not name one value (YOLO's C2f concatenates `y`
+and `y + m(y)`, whose channels share ids).
 
 This computes the same values as a forward pass of the whole graph
-(`liveness.probe_values`), op by op, at a small fraction of its cost: a
-network's constant channels are its pruned BatchNorms and the few pointwise
-ops behind them. Anything it cannot run that way (a node reading a value
-computed in the graph, an op that fails on the tiny input) gives None, and the
-caller runs the forward pass instead.
+(`liveness.probe_values`), op by op, at a fraction of its cost (mobilenet_v3_large
+5 ms against 10, yolov8n 6 against 50): a network's constant channels are its
+pruned BatchNorms and the few pointwise ops behind them. Anything it cannot run
+that way (a tensor input that carries no channels, an op that fails at every
+size tried) gives None, and the caller runs the forward pass instead.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from fxprune.compile.liveness import ProbeValues, any_true, channel_nodes
 
 __all__ = ["constant_values"]
 
-# rules under which a node computes its constant channels (structural ones move them)
-_COMPUTED = ("bn", "elementwise", "conv", "grouped", "depthwise", "border")
+# rules under which a node can have constant channels (liveness._forward_const)
+_RUN = ("bn", "elementwise", "conv", "grouped", "depthwise", "border", "structural")
 
 
 class _CannotRun(Exception):
@@ -76,10 +77,6 @@ class _TinyValues(ProbeValues):
 
     def __contains__(self, node) -> bool:
         return node in self.tiny or super().__contains__(node)
-
-
-# rules under which a node can have constant channels (liveness._forward_const)
-_RUN = ("bn", "elementwise", "conv", "grouped", "depthwise", "border", "structural")
 
 
 def _evaluate(node: fx.Node, module: nn.Module | None, tiny: dict):
