@@ -53,3 +53,20 @@ def test_a_traced_model_generates_its_code_when_run_and_still_scripts():
     _same(fx.GraphModule(traced.gm, traced.gm.graph), traced.gm, x)
     scripted = torch.jit.script(scriptable(traced.gm))
     torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_traced_model_saves_and_loads_as_a_whole_module(tmp_path):
+    # torch.load re-traces a pickled GraphModule with its tracer class, called without
+    # arguments: fxprune's tracers need their leaves, so they are not recorded
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(1, 3, 32, 32)
+    torch.save(trace_model(model, x).gm, tmp_path / "gm.pt")
+    loaded = torch.load(tmp_path / "gm.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_jit_script_takes_a_traced_model_itself():
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(1, 3, 32, 32)
+    scripted = torch.jit.script(trace_model(model, x).gm)  # no scriptable() needed
+    torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)

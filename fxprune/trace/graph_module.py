@@ -17,14 +17,25 @@ like any other.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.fx as fx
 from torch import nn
 
 try:  # a GraphModule that generates its code when first called (torch >= 2.3)
-    from torch.fx._lazy_graph_module import _LazyGraphModule as _DeferredCode
+    from torch.fx._lazy_graph_module import _LazyGraphModule
 except ImportError:  # pragma: no cover - older torch: code generated at once
-    _DeferredCode = fx.GraphModule
+    _LazyGraphModule = fx.GraphModule
+
+
+class _DeferredCode(_LazyGraphModule):
+    """torch's lazy GraphModule, which `torch.jit.script` cannot compile: scripting
+    it compiles a plain GraphModule over the same graph and attributes instead."""
+
+    def __prepare_scriptable__(self) -> fx.GraphModule:
+        return graph_module(self, self.graph, type(self).__name__)
+
 
 __all__ = ["graph_module", "scriptable"]
 
@@ -46,11 +57,21 @@ def graph_module(
             _install(root, gm, node.target, containers, sources)
     gm.graph = graph  # generates the code (or marks it pending, when lazy)
     tracer = graph._tracer_cls
-    if tracer is not None and "<locals>" not in tracer.__qualname__:
-        gm._tracer_cls = tracer  # as GraphModule.__init__ keeps it (torch.package)
+    if tracer is not None and "<locals>" not in tracer.__qualname__ and _no_arguments(tracer):
+        gm._tracer_cls = tracer  # as GraphModule.__init__ keeps it (unpickling re-traces with it)
     if graph._tracer_extras:
         gm._tracer_extras = graph._tracer_extras
     return gm
+
+
+def _no_arguments(cls: type) -> bool:
+    """`cls()` works: unpickling a GraphModule calls its tracer class so, and fxprune's
+    tracers take their leaves (pickling would succeed and loading fail)."""
+    try:
+        inspect.signature(cls).bind()
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _install(
@@ -114,7 +135,8 @@ def _child(module: nn.Module, name: str) -> nn.Module:
 def scriptable(module: nn.Module) -> nn.Module:
     """`module`, or, for a GraphModule whose code is generated lazily (which
     `torch.jit.script` rejects), a plain GraphModule over the same graph and
-    attributes."""
-    if isinstance(module, _DeferredCode) and _DeferredCode is not fx.GraphModule:
+    attributes. (`torch.jit.script` does this itself for the lazy GraphModules
+    built here, through `__prepare_scriptable__`.)"""
+    if isinstance(module, _LazyGraphModule) and _LazyGraphModule is not fx.GraphModule:
         return graph_module(module, module.graph, type(module).__name__)
     return module
