@@ -96,8 +96,6 @@ def _shaped_and_canonical(gm: fx.GraphModule, used: str, findings: MetaFindings,
     graph in one vocabulary; the notes of both."""
     if used == "export" or not findings.complete:
         propagate_shapes(gm, example)
-    else:
-        _eval_containers(gm)
     notes = list(findings.notes) if used == "fx" else []
     return notes + canonicalise(gm, recompile=used == "export")  # export left it to us
 
@@ -135,19 +133,6 @@ def _trace_fx(target: nn.Module, example: torch.Tensor, leaves: dict[str, str], 
         raise TraceError(f"{fx_error}; {export_error}") from fx_error
     finally:
         unbind(target)
-
-
-def _eval_containers(gm: fx.GraphModule) -> None:
-    """`gm.eval()` for a graph over modules already in eval mode: only `gm` and the
-    containers it made to hold them (`layer1`, `layer1.0`, ...) can be training; the
-    walk stops at the user's modules."""
-    gm.training = False
-    stack: list[nn.Module] = [child for child in gm._modules.values() if child is not None]
-    while stack:
-        module = stack.pop()
-        if module.training:
-            module.training = False
-            stack.extend(child for child in module._modules.values() if child is not None)
 
 
 def _export(target: nn.Module, example: torch.Tensor, fx_error):

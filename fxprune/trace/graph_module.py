@@ -8,8 +8,9 @@ per compile (the trace, its working copy, the result): on a mobile network those
 builds took a fifth of the compile time, two thirds of it generating code that
 nobody ran.
 
-`graph_module` builds the same tree (fresh plain containers, the graph's modules,
-parameters and buffers shared with `root`, non-persistent buffers kept so) in one
+`graph_module` builds the same tree (fresh plain containers in their modules'
+training mode, the graph's modules, parameters and buffers shared with `root`,
+non-persistent buffers kept so) in one
 pass over the targets, and generates the code at once or, with `lazy`, when the
 module is first called (torch's `_LazyGraphModule`). The result is a GraphModule
 like any other.
@@ -105,13 +106,16 @@ def _install(
 def _container(
     root: nn.Module, prefix: str, containers: dict[str, nn.Module], sources: dict[str, nn.Module]
 ) -> None:
-    """Make sure a container exists at `prefix` (and its parents)."""
+    """Make sure a container exists at `prefix` (and its parents), in the training
+    mode of the module it stands for (fx's containers are all in training mode, so
+    a GraphModule over eval-mode layers was not in eval mode until `.eval()`)."""
     if prefix in containers:
         return
     parent_prefix, _, name = prefix.rpartition(".")
     _container(root, parent_prefix, containers, sources)
     source = _child(sources[parent_prefix], name)
     container = nn.Module()
+    container.training = source.training
     containers[parent_prefix]._modules[name] = container
     containers[prefix], sources[prefix] = container, source
 
