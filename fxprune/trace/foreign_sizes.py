@@ -17,6 +17,8 @@ import operator
 import torch
 import torch.fx as fx
 
+from fxprune.trace.graph_edits import erase_unused
+
 __all__ = ["foreign_channel_sizes"]
 
 _RESHAPE_METHODS = {"view", "reshape"}
@@ -44,7 +46,7 @@ def foreign_channel_sizes(gm: fx.GraphModule) -> tuple[list[str], bool]:
             dims[i] = dims[i].meta["value"]
         node.args = (viewed, tuple(dims)) if packed else (viewed, *dims)
         for old in dict.fromkeys(replaced):  # C may be read twice by one call
-            _erase_if_unused(gm.graph, old)
+            erase_unused(gm.graph, old, _size_arithmetic)
         places.append(_module_of(node))
     if not places:
         return [], False
@@ -120,14 +122,6 @@ def _size_read(node: fx.Node) -> tuple[fx.Node, int] | None:
     return (tensor, dim) if is_shape and isinstance(tensor, fx.Node) else None
 
 
-def _erase_if_unused(graph: fx.Graph, node) -> None:
-    """Remove a size computation nothing reads any more, and its inputs likewise."""
-    if not isinstance(node, fx.Node) or node.users or node.op not in ("call_function",
-                                                                      "call_method"):  # fmt: skip
-        return
-    if not (node.target in _ARITHMETIC or node.target in (getattr, operator.getitem, "size")):
-        return
-    inputs = node.all_input_nodes
-    graph.erase_node(node)
-    for inp in inputs:
-        _erase_if_unused(graph, inp)
+def _size_arithmetic(node: fx.Node) -> bool:
+    """A size read or integer arithmetic on sizes: nothing else reads it once replaced."""
+    return node.target in _ARITHMETIC or node.target in (getattr, operator.getitem, "size")

@@ -35,6 +35,7 @@ from torch import nn
 from torch.fx.node import map_arg
 from torch.fx.proxy import Attribute
 
+from fxprune.trace.graph_edits import erase_unused
 from fxprune.trace.run import _mutable, attribute
 from fxprune.trace.shapes import TENSOR_FACTORIES, _is_plain_value, _ShapeRecorder
 from fxprune.trace.symbolic import LeafPolicyTracer
@@ -122,7 +123,7 @@ class MetaTracer(LeafPolicyTracer):
                 graph = super().trace(root, concrete_args)
             self._catch_up()  # fx's patches are gone: module attributes read at full speed
         for node in dict.fromkeys(self.specialised):
-            _erase_unused(graph, node)
+            erase_unused(graph, node, _pure)
         self.findings.specialised = bool(self.branches or self.unrolled)
         self.findings.notes += _where("took the example's branch of {} on shapes",
                                       ("a condition", "{} conditions"), self.branches)  # fmt: skip
@@ -254,20 +255,11 @@ def _where(done: str, counted: tuple[str, str], places: list[str]) -> list[str]:
             "example's shape only"]  # fmt: skip
 
 
-def _erase_unused(graph: fx.Graph, node: fx.Node) -> None:
-    """Remove `node` (a condition that was decided) and its inputs that nothing else
-    reads, as long as they are side-effect free."""
-    if node.users or node.graph is not graph:
-        return
-    pure = (node.op == "call_function" and node.target in _PURE_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _PURE_METHODS
-    )
-    if not pure:
-        return
-    inputs = node.all_input_nodes
-    graph.erase_node(node)
-    for inp in inputs:
-        _erase_unused(graph, inp)
+def _pure(node: fx.Node) -> bool:
+    """What a decided condition may leave behind unused: comparisons, sizes, getattr."""
+    if node.op == "call_function":
+        return node.target in _PURE_FUNCTIONS
+    return node.target in _PURE_METHODS
 
 
 class _factories_as_nodes:
