@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxprune.compile.liveness import ProbeValues, any_true, channel_nodes
+from fxprune.compile.liveness import ProbeValues, any_true, channel_nodes, first_values
 
 __all__ = ["constant_values"]
 
@@ -193,5 +193,4 @@ def _per_channel(out, ids, mask):
             _per_channel(o, i, m) if i is not None else None for o, i, m in zip(out, ids, mask,
                                                                                   strict=True)
         ]  # fmt: skip
-    got = out[0].reshape(ids.size, -1)[:, 0].double().numpy()
-    return np.where(np.asarray(mask, bool), got, np.nan)
+    return np.where(np.asarray(mask, bool), first_values(out, ids), np.nan)

@@ -68,17 +68,18 @@ def _record_channels(values: dict[fx.Node, object], nodes):
             return
         ids = n.meta.get("channels")
         if isinstance(ids, np.ndarray) and isinstance(result, torch.Tensor):
-            values[n] = _sample(result, ids)
+            values[n] = first_values(result, ids)
         elif isinstance(ids, list) and isinstance(result, (tuple, list)):
             values[n] = [
-                _sample(r, i) if i is not None else None for r, i in zip(result, ids, strict=True)
+                first_values(r, i) if i is not None else None
+                for r, i in zip(result, ids, strict=True)
             ]
 
     return record
 
 
-def _sample(t: torch.Tensor, ids: np.ndarray) -> np.ndarray:
-    # (N, *block, *rest) -> value of each channel at sample 0, first position
+def first_values(t: torch.Tensor, ids: np.ndarray) -> np.ndarray:
+    """Each channel's value (float64) at sample 0, first position: (N, *block, *rest)."""
     return t[0].detach().reshape(ids.size, -1)[:, 0].double().cpu().numpy()
 
 
@@ -395,6 +396,7 @@ __all__ = [
     "bn_gamma",
     "channel_nodes",
     "find_liveness",
+    "first_values",
     "flat",
     "inputs_read",
     "nonzero_taps",
