@@ -178,10 +178,13 @@ def warm_up(size: int) -> None:
     timed(tp_prune, model, x)
 
 
-def compare(name: str, repeats: int, size: int) -> list:
+def prepared(name: str, size: int) -> tuple[nn.Module, torch.Tensor]:
+    """The zeroed model and its input, built once for both tables."""
     shape = input_shape(name, size)
-    x = torch.randn(shape)
-    model = zeroed_model(name, shape)
+    return zeroed_model(name, shape), torch.randn(shape)
+
+
+def compare(name: str, model: nn.Module, x: torch.Tensor, repeats: int) -> list:
     expected = run_model(model, x)
     fx_s, fx_model, tp_s, tp_model = side_by_side(model, x, repeats)
     ratio = f"{fx_s / tp_s:.3g}"
@@ -229,13 +232,10 @@ def stage_timers(stages: list[tuple[str, object, str]]) -> Iterator[dict[str, fl
             setattr(owner, attr, original)
 
 
-def breakdown(name: str, repeats: int, size: int) -> list:
+def breakdown(name: str, model: nn.Module, x: torch.Tensor, repeats: int) -> list:
     """Milliseconds per stage on each side, from the fastest of `repeats` runs of each."""
     import torch_pruning as tp
 
-    shape = input_shape(name, size)
-    x = torch.randn(shape)
-    model = zeroed_model(name, shape)
     fx_best, tp_best = None, None
     for _ in range(repeats):
         with stage_timers(fx_stages()) as parts:
@@ -264,7 +264,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warm_up(args.size)
-    rows = [compare(name, args.repeats, args.size) for name in args.models.split(",")]
+    rows, parts = [], []
+    for name in args.models.split(","):  # one model in memory at a time
+        model, x = prepared(name, args.size)
+        rows.append(compare(name, model, x, args.repeats))
+        if args.breakdown:
+            parts.append(breakdown(name, model, x, args.repeats))
     headers = ["model", "fxprune s", "Torch-Pruning s", "ratio fx/TP", "fxprune error",
                "TP error", "fxprune ms (b1)", "TP ms (b1)"]  # fmt: skip
     print(f"threads {args.threads}, input {args.size}x{args.size}, median of {args.repeats} "
@@ -272,7 +277,6 @@ def main() -> None:
     print(WHAT_IS_TIMED)
     print(tabulate(rows, headers=headers, floatfmt=".3g"))
     if args.breakdown:
-        parts = [breakdown(name, args.repeats, args.size) for name in args.models.split(",")]
         labels = [label for label, _, _ in fx_stages()] + ["finish"]
         print("\nmilliseconds by stage, fastest run of each side (finish: lint, dead code, "
               "the compact model's code)")  # fmt: skip
