@@ -17,7 +17,6 @@ from fxprune.errors import ExportError, describe
 from fxprune.export.isolated import IsolatedVerifier, verify_artifact
 from fxprune.export.metadata import METADATA_NAME, ExportResult, metadata_json, quiet_torch
 from fxprune.files import PathLike, atomic_write, check_target
-from fxprune.trace.graph_module import scriptable
 from fxprune.verify import TOLERANCE, eval_mode, run_model
 
 # --------------------------------------------------------------------------- TorchScript
@@ -81,7 +80,6 @@ def _untensored(err: BaseException) -> str:
 def _to_torchscript(
     module: nn.Module, example: torch.Tensor
 ) -> tuple[torch.jit.ScriptModule, str, list[str]]:
-    module = scriptable(module)  # a traced model's lazily generated code is not scriptable
     with quiet_torch():
         try:
             return torch.jit.script(module), "script", []

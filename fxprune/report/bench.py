@@ -22,7 +22,6 @@ from torch import nn
 from fxprune.errors import UsageError, first_line
 from fxprune.report.counts import count_model
 from fxprune.report.tables import format_count
-from fxprune.trace.graph_module import scriptable
 
 BENCH_FORMATS = ("text", "github", "json")
 
@@ -165,7 +164,7 @@ def to_frozen_torchscript(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            scripted = torch.jit.script(scriptable(module))
+            scripted = torch.jit.script(module)
         except Exception:  # script rejects many fx-generated modules; trace is the fallback
             try:
                 with torch.no_grad():

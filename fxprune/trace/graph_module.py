@@ -38,7 +38,7 @@ class _DeferredCode(_LazyGraphModule):
         return graph_module(self, self.graph, type(self).__name__)
 
 
-__all__ = ["graph_module", "scriptable"]
+__all__ = ["graph_module"]
 
 
 def graph_module(
@@ -134,13 +134,3 @@ def _below_installed(prefix: str, containers: dict, sources: dict) -> bool:
 def _child(module: nn.Module, name: str) -> nn.Module:
     child = module._modules.get(name)
     return child if child is not None else getattr(module, name)
-
-
-def scriptable(module: nn.Module) -> nn.Module:
-    """`module`, or, for a GraphModule whose code is generated lazily (which
-    `torch.jit.script` rejects), a plain GraphModule over the same graph and
-    attributes. (`torch.jit.script` does this itself for the lazy GraphModules
-    built here, through `__prepare_scriptable__`.)"""
-    if isinstance(module, _LazyGraphModule) and _LazyGraphModule is not fx.GraphModule:
-        return graph_module(module, module.graph, type(module).__name__)
-    return module
