@@ -247,16 +247,22 @@ def _collect_groups(gm, labeller, class_of, group_root, frozen):
             by_root[root] = Group(index=-1, classes=order[lo:hi])
         return by_root[root]
 
+    everywhere: dict[int, np.ndarray] = {}  # n -> arange(n): a site within one group
     for role, kind, node, module, ids in labeller.sites:
-        classes = class_of[ids.reshape(-1)]
-        roots = group_root[classes]
-        for root in np.unique(roots).tolist():
-            positions = np.nonzero(roots == root)[0]
+        roots = group_root[class_of[ids.reshape(-1)]]
+        if roots.size and roots.min() == roots.max():  # the common case: one group
+            if roots.size not in everywhere:  # shared by the sites of that width: read-only
+                everywhere[roots.size] = np.arange(roots.size)
+                everywhere[roots.size].flags.writeable = False
+            parts = [(int(roots[0]), everywhere[roots.size])]
+        else:
+            parts = [(root, np.nonzero(roots == root)[0]) for root in np.unique(roots).tolist()]
+        for root, positions in parts:
             site = Site(node=node, module=module, kind=kind, positions=positions)
             group = group_for(root)
-            {"producer": group.producers, "bn": group.bn_sites, "consumer": group.consumers}[
-                role
-            ].append(site)
+            sites = group.producers if role == "producer" else (
+                group.bn_sites if role == "bn" else group.consumers)  # fmt: skip
+            sites.append(site)
     groups = sorted(by_root.values(), key=lambda g: int(g.classes[0]))
     group_of_class = np.full(len(group_root), -1, dtype=np.int64)
     for index, group in enumerate(groups):
