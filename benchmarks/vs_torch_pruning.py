@@ -18,7 +18,7 @@ latency of both pruned models at batch 1. Ratios are fxprune / Torch-Pruning:
 below 1 means fxprune is faster.
 
 With --breakdown, a second table gives each side's milliseconds by stage (fxprune:
-trace and shapes, analysis, graph copy, liveness, decisions, rewrite, and "finish":
+trace and shapes, analysis, liveness, decisions, rewrite, and "finish":
 lint, dead code and generating the compact model's code; Torch-Pruning: building
 its dependency graph, and pruning).
 
@@ -98,9 +98,10 @@ def apply_zeros(model: nn.Module, x: torch.Tensor) -> nn.Module:
 
 
 def fxprune_prune(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    # like Torch-Pruning, work on the model handed over (no defensive copy)
+    # like Torch-Pruning, work on what is handed over: the model's layers are traced
+    # without a defensive copy and the trace becomes the compact model (`consume`)
     analysed = open_module(loaded_module(model, x), owned=True)
-    return compile_model(analysed.traced).gm
+    return compile_model(analysed.traced, consume=True).gm
 
 
 def tp_prune(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -205,8 +206,8 @@ def fx_stages() -> list[tuple[str, object, str]]:
     from fxprune.pipeline import stages
 
     return [("trace+shapes", stages, "trace_model"), ("analyse", stages, "analyse"),
-            ("copy", compiler, "working_copy"), ("liveness", compiler, "find_liveness"),
-            ("decide", compiler, "_decide"), ("rewrite", compiler.Rewriter, "apply")]  # fmt: skip
+            ("liveness", compiler, "find_liveness"), ("decide", compiler, "_decide"),
+            ("rewrite", compiler.Rewriter, "apply")]  # fmt: skip
 
 
 @contextlib.contextmanager

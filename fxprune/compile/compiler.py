@@ -63,7 +63,11 @@ class CompileResult:
 
 
 def compile_model(
-    traced: Traced, options: CompileOptions | None = None, *, plan: ChannelPlan | None = None
+    traced: Traced,
+    options: CompileOptions | None = None,
+    *,
+    plan: ChannelPlan | None = None,
+    consume: bool = False,
 ) -> CompileResult:
     """Remove every removable channel of `traced.gm`; return a new GraphModule.
 
@@ -72,9 +76,13 @@ def compile_model(
     the structural decisions. Given a `plan`, the compiler takes its decisions
     instead of reading the weights and rebuilds the same structure, with
     placeholder values until the matching state_dict is loaded (checkpoints).
+
+    The traced model is left as it was, unless `consume`: then its graph becomes
+    the compact model's (no copy of it is made) and `traced` must not be used
+    again. The modules and tensors of the user's model are never edited either way.
     """
     options = options or CompileOptions()
-    gm = working_copy(traced.gm)
+    gm = traced.gm if consume and _in_eval_mode(traced.gm) else working_copy(traced.gm)
     if not any("tensor_meta" in node.meta for node in gm.graph.nodes):
         propagate_shapes(gm, traced.example)  # a GraphModule that was never traced by us
     analysis = traced.gm.meta.get(ANALYSIS_KEY) if _analysed(traced.gm) else None
@@ -126,13 +134,17 @@ def working_copy(gm: fx.GraphModule) -> fx.GraphModule:
     The copy's code is generated only if it is called: the compiler reads and edits
     its graph and ends with a new GraphModule (generating code costs as much as
     tracing)."""
-    if any(module.training for module in gm.modules()):
+    if not _in_eval_mode(gm):
         return copy.deepcopy(gm).eval()
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     clone = graph_module(gm, graph, type(gm).__name__, lazy=True)
     clone.training = False
     return clone
+
+
+def _in_eval_mode(gm: fx.GraphModule) -> bool:
+    return not any(module.training for module in gm.modules())
 
 
 def _analysed(gm: fx.GraphModule) -> bool:
