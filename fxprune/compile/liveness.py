@@ -140,10 +140,11 @@ def nonzero_taps(module: nn.Module) -> np.ndarray:
     if cached is not None and cached[0] == key:
         return cached[1]
     w = module.weight.detach().cpu()
-    if w.dim() == 2 or w[0, 0].numel() == 1:  # Linear or 1x1 kernel: one tap per pair
-        taps = w.reshape(w.shape[0], w.shape[1]).numpy() != 0
+    w = (w.float() if w.dtype == torch.bfloat16 else w).numpy()  # numpy has no bfloat16
+    if w.ndim == 2 or w[0, 0].size == 1:  # Linear or 1x1 kernel: one tap per pair
+        taps = w.reshape(w.shape[0], w.shape[1]) != 0
     else:
-        taps = (w.reshape(w.shape[0], w.shape[1], -1) != 0).any(-1).numpy()
+        taps = (w.reshape(w.shape[0], w.shape[1], -1) != 0).any(-1)
     _TAPS[module] = (key, taps)
     return taps
 
@@ -157,11 +158,59 @@ def per_row_inputs(module: nn.Module, per_input: np.ndarray) -> np.ndarray:
     return per_input.reshape(groups, -1)[np.repeat(np.arange(groups), rows // groups)]
 
 
+def _weight3(module: nn.Module) -> np.ndarray:
+    """The weight as an (out, in/groups, taps) array (a view; bfloat16 as float32)."""
+    w = module.weight.detach().cpu()
+    w = (w.float() if w.dtype == torch.bfloat16 else w).numpy()
+    return w.reshape(w.shape[0], w.shape[1], -1)
+
+
+# The three questions liveness asks of a layer's weights. Each answers from one
+# row or column first and reads the rest only where that leaves it open: a dense
+# weight (every trained layer) is answered in time linear in its rows + columns,
+# not in its size; zeros cost at most what the whole weight would.
+
+
+def zero_rows(module: nn.Module) -> np.ndarray:
+    """Per output row: are all its weights zero (it reads no input)?"""
+    w = _weight3(module)
+    w = w.reshape(w.shape[0], -1)
+    zero = w[:, 0] == 0  # a row with a nonzero first tap is not zero
+    if zero.any():
+        open_rows = np.nonzero(zero)[0]
+        zero[open_rows] = ~w[open_rows].any(axis=1)
+    return zero
+
+
+def rows_reading(module: nn.Module, inputs: np.ndarray) -> np.ndarray:
+    """Per output row: does it read (a nonzero tap on) some input channel in `inputs`
+    (a mask over all in_channels)?"""
+    if getattr(module, "groups", 1) != 1:
+        return (nonzero_taps(module) & per_row_inputs(module, inputs)).any(axis=1)
+    w, cols = _weight3(module), np.nonzero(inputs)[0]
+    if cols.size == 0:
+        return np.zeros(w.shape[0], bool)
+    reads = w[:, cols[0]].any(axis=1)
+    if not reads.all():
+        open_rows = np.nonzero(~reads)[0]
+        reads[open_rows] = w[open_rows][:, cols].reshape(open_rows.size, -1).any(axis=1)
+    return reads
+
+
 def inputs_read(module: nn.Module, live_rows: np.ndarray) -> np.ndarray:
     """Per input channel: does some live output row read it (nonzero weight)?"""
-    taps = nonzero_taps(module) & live_rows[:, None]
     groups = getattr(module, "groups", 1)
-    return taps.reshape(groups, -1, taps.shape[1]).any(axis=1).reshape(-1)
+    if groups != 1:
+        taps = nonzero_taps(module) & live_rows[:, None]
+        return taps.reshape(groups, -1, taps.shape[1]).any(axis=1).reshape(-1)
+    w, rows = _weight3(module), np.nonzero(live_rows)[0]
+    if rows.size == 0:
+        return np.zeros(w.shape[1], bool)
+    read = w[rows[0]].any(axis=1)
+    if not read.all():
+        open_cols = np.nonzero(~read)[0]
+        read[open_cols] = w[:, open_cols][rows].any(axis=(0, 2))
+    return read
 
 
 def zero_padded(module: nn.Module) -> bool:
@@ -264,18 +313,15 @@ def _forward_const(gm, modules) -> dict:
         x_const = const.get(x) if x is not None and isinstance(const.get(x), np.ndarray) else None
         if rule in ("conv", "grouped"):
             module = modules[node.target]
-            taps = nonzero_taps(module)
-            width = module.weight.shape[1] * getattr(module, "groups", 1)
-            in_c = x_const if x_const is not None else np.zeros(width, bool)
             # constant when every row reads constant inputs only (and, with zero
             # padding, reads nothing at all: the border would differ)
-            const[node] = ~(taps & ~per_row_inputs(module, in_c)).any(1)
-            if zero_padded(module):
-                const[node] &= ~taps.any(1)
+            if x_const is None or zero_padded(module) or not x_const.any():
+                const[node] = zero_rows(module)
+            else:
+                const[node] = ~rows_reading(module, ~x_const)
         elif rule == "depthwise":
             m = modules[node.target]
-            zero_w = ~np.any(m.weight.detach().reshape(n, -1).cpu().numpy() != 0, axis=1)
-            const[node] = zero_w | (x_const & (not zero_padded(m)))
+            const[node] = zero_rows(m) | (x_const & (not zero_padded(m)))
         elif rule == "bn":
             gamma = bn_gamma(modules[node.target])
             const[node] = x_const | (gamma == 0) if gamma is not None else x_const.copy()
@@ -344,8 +390,7 @@ def _reads(user: fx.Node, inp: fx.Node, dead: dict, modules):
         rows = live if live is not None else np.ones(module.weight.shape[0], bool)
         return inputs_read(module, rows)
     if rule == "depthwise" and user.args[0] is inp:
-        m = modules[user.target]
-        return live & np.any(m.weight.detach().reshape(live.size, -1).cpu().numpy() != 0, axis=1)
+        return live & ~zero_rows(modules[user.target])
     if rule == "bn":
         gamma = bn_gamma(modules[user.target])
         return live & (gamma != 0) if gamma is not None else live
@@ -402,5 +447,7 @@ __all__ = [
     "nonzero_taps",
     "per_row_inputs",
     "probe_values",
+    "rows_reading",
     "zero_padded",
+    "zero_rows",
 ]
