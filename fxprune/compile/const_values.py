@@ -182,8 +182,11 @@ def _reduced(out, ids, mask):
     mask = np.asarray(mask, bool)
     if mask.all():
         return out
-    keep = torch.from_numpy(mask).reshape(1, *ids.shape, *[1] * rest)
-    return torch.where(keep, out, torch.zeros((), dtype=out.dtype))
+    keep = mask.reshape(1, *ids.shape, *[1] * rest)
+    if out.dtype in (torch.float32, torch.float64) and out.device.type == "cpu":
+        array = out.detach().numpy()  # np.where makes a new array: `out` may be a view
+        return torch.from_numpy(np.where(keep, array, array.dtype.type(0)))
+    return torch.where(torch.from_numpy(keep), out, torch.zeros((), dtype=out.dtype))
 
 
 def _per_channel(out, ids, mask):

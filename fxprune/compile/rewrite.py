@@ -272,12 +272,16 @@ class Rewriter:
         if not take.any():
             return None
         values = np.where(take, self.live.values[x], 0.0)
-        if getattr(module, "groups", 1) == 1:  # only the removed columns, in float64
-            cols = torch.as_tensor(np.nonzero(take)[0])
-            weight = module.weight.detach().index_select(1, cols).double()  # (out, taken, *k)
-            delta = torch.matmul(weight.movedim(1, -1), torch.from_numpy(values[take]))
-            return delta if bool(delta.any()) else None
-        weight = module.weight.detach().double()  # (out, in/groups, *kernel)
+        weight = module.weight.detach()
+        if getattr(module, "groups", 1) == 1:  # one float64 matrix-vector product per tap
+            w = weight.cpu()
+            w = (w.float() if w.dtype == torch.bfloat16 else w).numpy()  # numpy has no bf16
+            w = w.reshape(weight.shape[0], weight.shape[1], -1).transpose(0, 2, 1)
+            delta = np.matmul(w, values)  # (out, taps); the kept columns are multiplied by 0
+            if not delta.any():
+                return None
+            return torch.from_numpy(delta.reshape(weight.shape[:1] + weight.shape[2:]))
+        weight = weight.double()  # (out, in/groups, *kernel)
         per_row = torch.from_numpy(per_row_inputs(module, values))  # (out, in/groups)
         delta = torch.einsum("oi...,oi->o...", weight, per_row)
         return delta if bool(delta.any()) else None
