@@ -13,6 +13,7 @@ from torch import nn
 from fxprune import zoo
 from fxprune.analysis import analyse, get_analysis
 from fxprune.compile import compile_model, zero_classes
+from fxprune.testing import randomize_batchnorm, zero_random
 from fxprune.trace import trace_model
 from fxprune.verify import TOLERANCE, relative_error, run_model
 
@@ -47,6 +48,27 @@ def test_input_model_is_not_mutated():
     analyse(traced.gm)
     compile_model(traced)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_consuming_compile_gives_the_same_model_and_leaves_the_user_model_alone():
+    """`consume=True` rebuilds the trace itself into the compact model: the same
+    structure and function as a copying compile, the user's layers untouched."""
+    model = zoo.create_model("mobilenet_v2").eval()
+    randomize_batchnorm(model, 0)
+    x = torch.randn(1, 3, 32, 32)
+    results = []
+    for consume in (False, True):
+        traced = trace_model(model, x, copy_module=False)  # the user's layers, shared
+        analyse(traced.gm)
+        zero_random(traced.gm, 0.5, 1)  # the same zeros both times (edits the user's model)
+        zeroed = run_model(model, x)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        results.append(compile_model(traced, consume=consume))
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert relative_error(zeroed, run_model(results[-1].gm, x)) <= TOL
+    copied, consumed = results
+    assert consumed.removed_classes == copied.removed_classes > 0
+    assert consumed.gm.code == copied.gm.code
 
 
 def test_nothing_to_prune_keeps_the_function():
