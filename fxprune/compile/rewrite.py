@@ -64,7 +64,23 @@ def replace_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
 
 
 def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t.to(like.dtype).contiguous(), requires_grad=like.requires_grad)
+    t = t.to(device=like.device, dtype=like.dtype).contiguous()
+    return nn.Parameter(t, requires_grad=like.requires_grad)
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    """`t`'s values as a numpy array (a view on the CPU; bfloat16, which numpy lacks,
+    as float32). The rewrite's arithmetic on small tensors runs in numpy: a numpy
+    call costs a fraction of a torch op's dispatch."""
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _taken(t: torch.Tensor, idx: np.ndarray, dim: int) -> torch.Tensor:
+    """A new tensor of `t`'s entries at `idx` along `dim` (same dtype and device)."""
+    if t.device.type == "cpu" and t.dtype != torch.bfloat16:
+        return torch.from_numpy(np.take(t.detach().numpy(), idx, axis=dim))
+    return t.detach().index_select(dim, torch.as_tensor(idx, device=t.device))
 
 
 def border_pad(conv: nn.Module) -> list[int]:
@@ -234,10 +250,10 @@ class Rewriter:
     def _slice_out(self, new: nn.Module, old: nn.Module, keep: np.ndarray) -> None:
         if keep.all():
             return  # `new` shares the unchanged parameters
-        idx = torch.as_tensor(np.nonzero(keep)[0])
-        put(new, "weight", _param(old.weight.detach().index_select(0, idx), old.weight))
+        idx = np.nonzero(keep)[0]
+        put(new, "weight", _param(_taken(old.weight, idx, 0), old.weight))
         if old.bias is not None:
-            put(new, "bias", _param(old.bias.detach().index_select(0, idx), old.bias))
+            put(new, "bias", _param(_taken(old.bias, idx, 0), old.bias))
         attr = "out_features" if isinstance(old, nn.Linear) else "out_channels"
         setattr(new, attr, len(idx))
 
@@ -247,7 +263,7 @@ class Rewriter:
         groups = getattr(old, "groups", 1)
         w = new.weight.detach()
         if groups == 1:
-            sliced = w.index_select(1, torch.as_tensor(np.nonzero(in_keep)[0]))
+            sliced = _taken(w, np.nonzero(in_keep)[0], 1)
         else:
             chunks = in_keep.reshape(groups, -1)
             rows_per = w.shape[0] // groups  # rows already sliced: balanced per group
@@ -260,43 +276,36 @@ class Rewriter:
         attr = "in_features" if isinstance(old, nn.Linear) else "in_channels"
         setattr(new, attr, int(in_keep.sum()))
 
-    def _absorbed(self, node, module, x, in_keep) -> torch.Tensor | None:
-        """(out, *kernel) contribution of the removed constant inputs, or None."""
+    def _absorbed(self, node, module, x, in_keep) -> np.ndarray | None:
+        """(out, *kernel) float64 contribution of the removed constant inputs, or None."""
         if self.replay is not None:  # the plan says whether; the values come from the state_dict
             if node.name not in self.replay.absorbed:
                 return None
-            return torch.zeros(
-                module.weight.shape[:1] + module.weight.shape[2:], dtype=torch.float64
-            )
+            return np.zeros(module.weight.shape[:1] + module.weight.shape[2:])
         take = ~in_keep & self.live.const[x]
         if not take.any():
             return None
         values = np.where(take, self.live.values[x], 0.0)
-        weight = module.weight.detach()
+        weight, shape = _array(module.weight), tuple(module.weight.shape)
+        weight = weight.reshape(shape[0], shape[1], -1)  # (out, in/groups, taps)
         if getattr(module, "groups", 1) == 1:  # one float64 matrix-vector product per tap
-            w = weight.cpu()
-            w = (w.float() if w.dtype == torch.bfloat16 else w).numpy()  # numpy has no bf16
-            w = w.reshape(weight.shape[0], weight.shape[1], -1).transpose(0, 2, 1)
-            delta = np.matmul(w, values)  # (out, taps); the kept columns are multiplied by 0
-            if not delta.any():
-                return None
-            return torch.from_numpy(delta.reshape(weight.shape[:1] + weight.shape[2:]))
-        weight = weight.double()  # (out, in/groups, *kernel)
-        per_row = torch.from_numpy(per_row_inputs(module, values))  # (out, in/groups)
-        delta = torch.einsum("oi...,oi->o...", weight, per_row)
-        return delta if bool(delta.any()) else None
+            delta = np.matmul(weight.transpose(0, 2, 1), values)  # kept columns times 0
+        else:
+            per_row = per_row_inputs(module, values)  # (out, in/groups)
+            delta = np.einsum("oik,oi->ok", weight.astype(np.float64), per_row)
+        return delta.reshape(shape[:1] + shape[2:]) if delta.any() else None
 
-    def _absorb(self, node: fx.Node, conv: nn.Module, delta: torch.Tensor) -> None:
+    def _absorb(self, node: fx.Node, conv: nn.Module, delta: np.ndarray) -> None:
         kind = self._absorb_kind(node, conv)
-        bias = delta.reshape(delta.shape[0], -1).sum(dim=1)
+        bias = delta.reshape(delta.shape[0], -1).sum(axis=1)
         if kind == "bn" and self.replay is None and not self._fold_into_bn(node, bias):
             kind = "bias"
         self.absorbed[node.name] = kind
         if kind == "bias":
-            old = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bias)
-            put(conv, "bias", _param(old.double() + bias, conv.weight))
+            old = _array(conv.bias).astype(np.float64) if conv.bias is not None else 0.0
+            put(conv, "bias", _param(torch.from_numpy(old + bias), conv.weight))
         elif kind == "border":
-            self._add_border_term(node, conv, delta)
+            self._add_border_term(node, conv, torch.from_numpy(delta))
 
     def _absorb_kind(self, node: fx.Node, conv: nn.Module) -> str:
         """bias (the paper's fold), bn (into the next BN's mean) or border (exact)."""
@@ -348,9 +357,11 @@ class Rewriter:
             return False
         bn = fresh_copy(self.modules[target])  # modules are shared with the input: never edit
         keep = self.keep[users[0]]
-        full = torch.zeros(len(keep), dtype=torch.float64)
-        full[torch.as_tensor(np.nonzero(keep)[0])] = bias
-        put(bn, "running_mean", (bn.running_mean.double() - full).to(bn.running_mean.dtype))
+        full = np.zeros(len(keep))
+        full[keep] = bias
+        mean = bn.running_mean
+        shifted = torch.from_numpy(_array(mean).astype(np.float64) - full)
+        put(bn, "running_mean", shifted.to(device=mean.device, dtype=mean.dtype))
         replace_module(self.gm, target, bn)
         self.modules[target] = bn  # rewrite_bn slices this one
         return True
@@ -370,17 +381,17 @@ class Rewriter:
             return
         module = self.modules[node.target]
         new = fresh_copy(module)
-        idx = torch.as_tensor(np.nonzero(keep)[0])
+        idx = np.nonzero(keep)[0]
         for name in ("weight", "bias"):
             value = getattr(module, name, None)
             if isinstance(value, nn.Parameter):
-                put(new, name, _param(value.detach().index_select(0, idx), value))
+                put(new, name, _param(_taken(value, idx, 0), value))
             elif isinstance(value, torch.Tensor):
-                put(new, name, value.index_select(0, idx))  # a copy
+                put(new, name, _taken(value, idx, 0))  # a copy
         for name in ("running_mean", "running_var"):
             value = getattr(module, name, None)
             if value is not None:
-                put(new, name, value.index_select(0, idx))  # a copy
+                put(new, name, _taken(value, idx, 0))  # a copy
         if hasattr(new, "num_features"):
             new.num_features = len(idx)
         replace_module(self.gm, node.target, new)
