@@ -203,9 +203,9 @@ class Rewriter:
     def _free_name(self, name: str) -> str:
         """`name`, or `name_1`, `name_2`...: a compiled model compiled again keeps
         the attributes its first compile added."""
-        if self._taken is None:
-            self._taken = {n for n, _ in self.gm.named_children()}
-            self._taken |= set(dict(self.gm.named_buffers()))
+        if self._taken is None:  # the names are top-level: gm's own tables (hasattr: the rest)
+            gm = self.gm
+            self._taken = {*gm._modules, *gm._buffers, *gm._parameters}
         candidate, number = name, 0
         while candidate in self._taken or hasattr(self.gm, candidate):
             number += 1
