@@ -218,17 +218,17 @@ def get_analysis(gm: fx.GraphModule) -> ChannelAnalysis:
 
 
 def _build_groups(gm: fx.GraphModule, labeller) -> ChannelAnalysis:
-    roots = labeller.uf.roots()
-    _, class_of = np.unique(roots, return_inverse=True)
-    class_of = class_of.reshape(-1).astype(np.int64)
+    roots = labeller.uf.roots()  # each id's class's smallest id: a root is its own
+    ids = np.arange(len(roots), dtype=np.int64)
+    is_root = roots == ids
+    class_of = (np.cumsum(is_root) - 1)[roots]  # classes numbered in their roots' order
     frozen: dict[int, str] = {}
     for raw, reason in labeller.frozen.items():
         frozen.setdefault(int(class_of[raw]), reason)
     # Groups: classes whose ids were created by connected origin blocks. Tie the
     # block of every id to the block of its class's first id.
     block_of = labeller.block_array()
-    _, first_raw = np.unique(class_of, return_index=True)
-    first_block = block_of[first_raw]
+    first_block = block_of[ids[is_root]]  # each class's first id is its root
     block_roots = component_roots(labeller.num_blocks, first_block[class_of], block_of)
     group_root = block_roots[first_block]
     groups, group_of_class = _collect_groups(gm, labeller, class_of, group_root, frozen)
@@ -247,15 +247,27 @@ def _collect_groups(gm, labeller, class_of, group_root, frozen):
             by_root[root] = Group(index=-1, classes=order[lo:hi])
         return by_root[root]
 
+    # every site's group roots in one array, with each site's smallest and largest
+    flat = [ids.reshape(-1) for *_, ids in labeller.sites]
+    sizes = np.array([f.size for f in flat], dtype=np.int64)
+    ends = np.cumsum(sizes)
+    roots_of = group_root[class_of[np.concatenate(flat)]] if flat else sizes
+    low, high = np.zeros(len(flat), np.int64), np.full(len(flat), -1, np.int64)
+    if sizes.any():  # reduceat over the non-empty sites (their starts ascend)
+        starts = (ends - sizes)[sizes > 0]
+        low[sizes > 0] = np.minimum.reduceat(roots_of, starts)
+        high[sizes > 0] = np.maximum.reduceat(roots_of, starts)
     everywhere: dict[int, np.ndarray] = {}  # n -> arange(n): a site within one group
-    for role, kind, node, module, ids in labeller.sites:
-        roots = group_root[class_of[ids.reshape(-1)]]
-        if roots.size and roots.min() == roots.max():  # the common case: one group
-            if roots.size not in everywhere:  # shared by the sites of that width: read-only
-                everywhere[roots.size] = np.arange(roots.size)
-                everywhere[roots.size].flags.writeable = False
-            parts = [(int(roots[0]), everywhere[roots.size])]
+    for (role, kind, node, module, _ids), size, end, lo, hi in zip(
+        labeller.sites, sizes.tolist(), ends.tolist(), low.tolist(), high.tolist(), strict=True
+    ):
+        if lo == hi:  # the common case: the whole site lies in one group
+            if size not in everywhere:  # shared by the sites of that width: read-only
+                everywhere[size] = np.arange(size)
+                everywhere[size].flags.writeable = False
+            parts = [(lo, everywhere[size])]
         else:
+            roots = roots_of[end - size : end]
             parts = [(root, np.nonzero(roots == root)[0]) for root in np.unique(roots).tolist()]
         for root, positions in parts:
             site = Site(node=node, module=module, kind=kind, positions=positions)
