@@ -225,9 +225,14 @@ def zero_padded(module: nn.Module) -> bool:
     return any(p != 0 for p in padding)
 
 
-def bn_gamma(module: nn.Module) -> np.ndarray | None:
+def zero_gamma(module: nn.Module) -> np.ndarray | None:
+    """Per channel of a BatchNorm: is its scale γ exactly zero? None without an affine
+    scale."""
     w = getattr(module, "weight", None)
-    return None if w is None else w.detach().double().cpu().numpy()
+    if w is None:
+        return None
+    w = w.detach().cpu()
+    return (w.float() if w.dtype == torch.bfloat16 else w).numpy() == 0
 
 
 def aligned_operands(node: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
@@ -323,8 +328,8 @@ def _forward_const(gm, modules) -> dict:
             m = modules[node.target]
             const[node] = zero_rows(m) | (x_const & (not zero_padded(m)))
         elif rule == "bn":
-            gamma = bn_gamma(modules[node.target])
-            const[node] = x_const | (gamma == 0) if gamma is not None else x_const.copy()
+            zero = zero_gamma(modules[node.target])
+            const[node] = x_const | zero if zero is not None else x_const.copy()
         elif rule == "border":  # a zero row adds 0 everywhere; any other row varies at borders
             kernel = modules[node.target].kernel.detach().reshape(n, -1).cpu().numpy()
             const[node] = ~np.any(kernel != 0, axis=1)
@@ -392,8 +397,8 @@ def _reads(user: fx.Node, inp: fx.Node, dead: dict, modules):
     if rule == "depthwise" and user.args[0] is inp:
         return live & ~zero_rows(modules[user.target])
     if rule == "bn":
-        gamma = bn_gamma(modules[user.target])
-        return live & (gamma != 0) if gamma is not None else live
+        zero = zero_gamma(modules[user.target])
+        return live & ~zero if zero is not None else live
     if rule in ("elementwise", "spatial") and live is not None:
         aligned, _other = aligned_operands(user)
         return live.copy() if inp in aligned else _all(inp, dead, bool(live.any()))
@@ -438,7 +443,6 @@ __all__ = [
     "ProbeValues",
     "aligned_operands",
     "any_true",
-    "bn_gamma",
     "channel_nodes",
     "find_liveness",
     "first_values",
@@ -448,6 +452,7 @@ __all__ = [
     "per_row_inputs",
     "probe_values",
     "rows_reading",
+    "zero_gamma",
     "zero_padded",
     "zero_rows",
 ]
