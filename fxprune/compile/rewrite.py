@@ -50,6 +50,15 @@ def put(module: nn.Module, name: str, value) -> None:
         setattr(module, name, value)
 
 
+def set_plain(module: nn.Module, name: str, value) -> None:
+    """`module.name = value` for a plain attribute it has (a width, `groups`), written
+    into its `__dict__` (`nn.Module.__setattr__` checks every table first)."""
+    if name in module.__dict__:
+        module.__dict__[name] = value
+    else:
+        setattr(module, name, value)
+
+
 def replace_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     """Swap the submodule at dotted `target` for `module`."""
     *path, name = target.split(".")
@@ -238,7 +247,9 @@ class Rewriter:
         new = fresh_copy(module)
         if node.meta["channel_rule"] == "depthwise":
             self._slice_out(new, module, out_keep)
-            new.in_channels = new.groups = int(out_keep.sum())
+            width = int(out_keep.sum())
+            set_plain(new, "in_channels", width)
+            set_plain(new, "groups", width)
             return replace_module(self.gm, node.target, new)
         delta = self._absorbed(node, module, x, in_keep)
         self._slice_out(new, module, out_keep)
@@ -255,7 +266,7 @@ class Rewriter:
         if old.bias is not None:
             put(new, "bias", _param(_taken(old.bias, idx, 0), old.bias))
         attr = "out_features" if isinstance(old, nn.Linear) else "out_channels"
-        setattr(new, attr, len(idx))
+        set_plain(new, attr, len(idx))
 
     def _slice_in(self, new: nn.Module, old: nn.Module, in_keep: np.ndarray, out_keep) -> None:
         if in_keep.all():
@@ -274,7 +285,7 @@ class Rewriter:
             sliced = torch.cat(parts)
         put(new, "weight", _param(sliced, old.weight))
         attr = "in_features" if isinstance(old, nn.Linear) else "in_channels"
-        setattr(new, attr, int(in_keep.sum()))
+        set_plain(new, attr, int(in_keep.sum()))
 
     def _absorbed(self, node, module, x, in_keep) -> np.ndarray | None:
         """(out, *kernel) float64 contribution of the removed constant inputs, or None."""
@@ -393,7 +404,7 @@ class Rewriter:
             if value is not None:
                 put(new, name, _taken(value, idx, 0))  # a copy
         if hasattr(new, "num_features"):
-            new.num_features = len(idx)
+            set_plain(new, "num_features", len(idx))
         replace_module(self.gm, node.target, new)
 
     # -- literal shapes in calls ------------------------------------------
