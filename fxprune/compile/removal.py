@@ -15,6 +15,7 @@ def removable_classes(gm: fx.GraphModule, analysis: ChannelAnalysis, live: Liven
     """Boolean mask over classes: not frozen, and constant or dead wherever they appear."""
     ok = np.ones(analysis.num_classes, bool)
     ok[list(analysis.frozen)] = False
+    ids_seen, const_seen, dead_seen = [], [], []
     for node in channel_nodes(gm):
         ids, const, dead = node.meta["channels"], live.const[node], live.dead[node]
         pieces = (
@@ -22,7 +23,12 @@ def removable_classes(gm: fx.GraphModule, analysis: ChannelAnalysis, live: Liven
         )
         for i, c, d in pieces:
             if i is not None:
-                ok[analysis.class_of[flat(i)][~(c | d)]] = False
+                ids_seen.append(i.reshape(-1))
+                const_seen.append(c.reshape(-1))
+                dead_seen.append(d.reshape(-1))
+    if ids_seen:  # one pass over every position: a varying, read one keeps its class
+        varying = ~(np.concatenate(const_seen) | np.concatenate(dead_seen))
+        ok[analysis.class_of[np.concatenate(ids_seen)[varying]]] = False
     return ok
 
 
@@ -32,23 +38,39 @@ def balance_and_keep(
     """Shrink `removed` (in place) until grouped convs stay balanced and no
     tensor loses all its channels. Returns notes on what was kept."""
     notes: list[str] = []
-    modules = dict(gm.named_modules())
+    nodes = list(channel_nodes(gm))
+    blocks = [  # (node, its block's classes), every channel block in graph order
+        (node, analysis.class_of[flat(i)]) for node in nodes for i in _blocks(node) if flat(i).size
+    ]
+    grouped = {node for node in nodes if node.meta["channel_rule"] == "grouped"}
+    sizes = np.array([len(classes) for _, classes in blocks], dtype=np.int64)
+    every = np.concatenate([classes for _, classes in blocks]) if blocks else sizes
+    starts = np.cumsum(sizes) - sizes
     changed = True
     while changed:
         changed = False
-        for node in channel_nodes(gm):
-            ids = node.meta["channels"]
-            for i in ids if isinstance(ids, list) else [ids]:
-                if i is None:
-                    continue
+        # Fixing a node only keeps channels, so a block all removed when its turn
+        # comes was all removed when the pass began: visit those and the grouped
+        # convs, in graph order, and check each again at its turn.
+        emptied = np.logical_and.reduceat(removed[every], starts) if blocks else sizes
+        visit = {blocks[k][0] for k in np.nonzero(emptied)[0].tolist()} | grouped
+        for node in (n for n in nodes if n in visit):
+            for i in _blocks(node):
                 classes = analysis.class_of[flat(i)]
-                if removed[classes].all():
+                if classes.size and removed[classes].all():
                     removed[classes[0]] = False
                     notes.append(f"{node.name}: kept 1 channel (never a zero-width layer)")
                     changed = True
-            if node.meta["channel_rule"] == "grouped":
-                changed |= _balance(node, modules[node.target], analysis, removed, notes)
+            if node in grouped:
+                conv = gm.get_submodule(node.target)
+                changed |= _balance(node, conv, analysis, removed, notes)
     return notes
+
+
+def _blocks(node: fx.Node) -> list[np.ndarray]:
+    """The channel id blocks of a node's output (one, or one per tensor of a tuple)."""
+    ids = node.meta["channels"]
+    return [i for i in ids if i is not None] if isinstance(ids, list) else [ids]
 
 
 def _balance(node: fx.Node, conv: nn.Module, analysis, removed, notes) -> bool:
