@@ -251,12 +251,12 @@ class Rewriter:
             set_plain(new, "in_channels", width)
             set_plain(new, "groups", width)
             return replace_module(self.gm, node.target, new)
-        delta = self._absorbed(node, module, x, in_keep)
         self._slice_out(new, module, out_keep)
+        delta = self._absorbed(node, new, x, in_keep)  # for the kept rows only
         self._slice_in(new, module, in_keep, out_keep)
         replace_module(self.gm, node.target, new)
         if delta is not None:
-            self._absorb(node, new, delta[out_keep])
+            self._absorb(node, new, delta)
 
     def _slice_out(self, new: nn.Module, old: nn.Module, keep: np.ndarray) -> None:
         if keep.all():
@@ -288,7 +288,8 @@ class Rewriter:
         set_plain(new, attr, int(in_keep.sum()))
 
     def _absorbed(self, node, module, x, in_keep) -> np.ndarray | None:
-        """(out, *kernel) float64 contribution of the removed constant inputs, or None."""
+        """(out, *kernel) float64 contribution of the removed constant inputs to each row
+        of `module` (sliced to the kept rows already), or None."""
         if self.replay is not None:  # the plan says whether; the values come from the state_dict
             if node.name not in self.replay.absorbed:
                 return None
