@@ -80,7 +80,9 @@ def _record_channels(values: dict[fx.Node, object], nodes):
 
 def first_values(t: torch.Tensor, ids: np.ndarray) -> np.ndarray:
     """Each channel's value (float64) at sample 0, first position: (N, *block, *rest)."""
-    return t[0].detach().reshape(ids.size, -1)[:, 0].double().cpu().numpy()
+    t = t.detach()[0].cpu()
+    array = (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bfloat16
+    return array.reshape(ids.size, -1)[:, 0].astype(np.float64)
 
 
 def probe_values(gm: fx.GraphModule, example: torch.Tensor, nodes=None) -> ProbeValues:
