@@ -83,7 +83,13 @@ def _evaluate(node: fx.Node, module: nn.Module | None, tiny: dict):
     """The node's output on tiny inputs: spatial size 1, else the smallest a conv
     or pooling window accepts, else each input's traced size at batch 1, else its
     traced shape (a view whose sizes were read at the traced batch)."""
-    attempts: list[int | str | None] = [1]
+    try:  # the common case first: no kernel arithmetic
+        return _run(node, module, tiny, 1)
+    except _CannotRun:
+        raise
+    except Exception:  # the op needs a larger input: try the next sizes
+        pass
+    attempts: list[int | str | None] = []
     kernel = getattr(module, "kernel_size", None)  # convolutions and pooling
     if kernel is not None:
         kernel, dilation = _pair(kernel), _pair(getattr(module, "dilation", 1))
@@ -172,13 +178,14 @@ def _reduced(out, ids, mask):
             _reduced(o, i, m) if i is not None else o for o, i, m in zip(out, ids, mask,
                                                                            strict=True)
         ]  # fmt: skip
-    if not isinstance(out, torch.Tensor) or out.dim() < 1 + ids.ndim or out.shape[0] < 1:
+    if not isinstance(out, torch.Tensor):
         raise _CannotRun
-    if tuple(out.shape[1 : 1 + ids.ndim]) != ids.shape:
+    shape, k = out.shape, ids.ndim
+    if len(shape) < 1 + k or shape[0] < 1 or shape[1 : 1 + k] != ids.shape:
         raise _CannotRun
-    rest = out.dim() - 1 - ids.ndim
-    if out.shape[0] != 1 or any(d != 1 for d in out.shape[1 + ids.ndim :]):
-        out = out[(slice(0, 1),) + (slice(None),) * ids.ndim + (slice(0, 1),) * rest]
+    rest = len(shape) - 1 - k
+    if shape[0] != 1 or shape[1 + k :] != (1,) * rest:
+        out = out[(slice(0, 1),) + (slice(None),) * k + (slice(0, 1),) * rest]
     mask = np.asarray(mask, bool)
     if mask.all():
         return out
