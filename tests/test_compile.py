@@ -160,3 +160,22 @@ def test_side_effects_and_in_place_ops_are_respected():
     traced, result, errors = compile_checked(InPlace(), (2, 3, 8, 8), fraction=0.5)
     assert max(errors) <= TOL, errors
     assert "add_into" in result.gm.code
+
+
+def test_lint_structure_catches_misordered_nodes_and_missing_targets():
+    """The compiler's lint skips fx's target walk: the order check still fails, the
+    graph keeps its owner, and the GraphModule built next fails on a missing target."""
+    from fxprune.compile.compiler import lint_structure
+    from fxprune.trace.graph_module import graph_module
+
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()))
+    lint_structure(gm.graph)
+    relu = next(n for n in gm.graph.nodes if n.target == "1")
+    placeholder = next(iter(gm.graph.nodes))
+    placeholder.append(relu)  # the ReLU now runs before the conv it reads
+    with pytest.raises(RuntimeError, match="used before it has been defined"):
+        lint_structure(gm.graph)
+    assert gm.graph.owning_module is gm
+    gm.graph.create_node("call_module", "missing", (placeholder,))
+    with pytest.raises(AttributeError):
+        graph_module(gm, gm.graph)

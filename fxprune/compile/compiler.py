@@ -1,12 +1,12 @@
 """Stage 5, compile: constant propagation + dead-channel elimination.
 
-`compile_model(traced)` copies the analysed graph, decides which channel
-classes can go (every position constant or dead, not frozen, groups kept
-balanced, no layer left empty), slices producers, BatchNorms and consumers,
-folds the constants the consumers read into them (exactly, see DESIGN.md
-"Exact absorption"), replaces constant residual branches by a constant and
-ends with `lint()`, `eliminate_dead_code()`, `recompile()`. The input model
-is never mutated.
+`compile_model(traced)` copies the analysed graph (or, with `consume`, takes it
+over), decides which channel classes can go (every position constant or dead,
+not frozen, groups kept balanced, no layer left empty), slices producers,
+BatchNorms and consumers, folds the constants the consumers read into them
+(exactly, see DESIGN.md "Exact absorption"), replaces constant residual branches
+by a constant and ends with a lint, dead-code elimination and the compact
+GraphModule's code. The user's model is never mutated.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def compile_model(
     rewriter = Rewriter(gm, analysis, liveness, removed, options.absorb, replay=plan)
     rewriter.apply()
     notes += rewriter.notes
-    gm.graph.lint()
+    lint_structure(gm.graph)
     eliminate_dead_code(gm)
     drop_type_annotations(gm)
     # a plain GraphModule holding only the modules and tensors the graph uses; its code
@@ -150,6 +150,20 @@ def _in_eval_mode(gm: fx.GraphModule) -> bool:
 def _analysed(gm: fx.GraphModule) -> bool:
     """`analyse` ran on this very graph (its channel ids are on the nodes)."""
     return ANALYSIS_KEY in gm.meta and any("channels" in n.meta for n in gm.graph.nodes)
+
+
+def lint_structure(graph: fx.Graph) -> None:
+    """fx's `Graph.lint` (every node's inputs defined before it, names unique, nodes
+    of this graph) without its walk of every `call_module`/`get_attr` target through
+    `nn.Module.__getattr__`, which cost 0.9 of its 1.0 ms on mobilenet_v3_large: the
+    GraphModule the compiler builds next resolves each target itself (a missing one
+    raises there). fx checks targets only for a graph that has an owning module."""
+    owner = graph.owning_module
+    graph.owning_module = None
+    try:
+        graph.lint()
+    finally:
+        graph.owning_module = owner
 
 
 def drop_type_annotations(gm: fx.GraphModule) -> None:
