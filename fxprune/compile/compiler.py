@@ -87,12 +87,15 @@ def compile_model(
         propagate_shapes(gm, traced.example)  # a GraphModule that was never traced by us
     analysis = traced.gm.meta.get(ANALYSIS_KEY) if _analysed(traced.gm) else None
     analysis = analysis or analyse(gm)
+    modules = dict(gm.named_modules())  # read by liveness, then kept current by the rewriter
     if plan is None:
-        liveness = find_liveness(gm, traced.example)
+        liveness = find_liveness(gm, traced.example, modules)
         removed, notes = _decide(gm, analysis, liveness, options)
     else:
         liveness, removed, notes = None, _replayed_mask(plan, analysis.num_classes), []
-    rewriter = Rewriter(gm, analysis, liveness, removed, options.absorb, replay=plan)
+    rewriter = Rewriter(
+        gm, analysis, liveness, removed, options.absorb, replay=plan, modules=modules
+    )
     rewriter.apply()
     notes += rewriter.notes
     lint_structure(gm.graph)

@@ -288,11 +288,14 @@ def _structural_input(node: fx.Node) -> fx.Node | None:
     return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
 
 
-def find_liveness(gm: fx.GraphModule, example: torch.Tensor) -> Liveness:
-    """Constant and dead channel positions of every channel node of `gm`."""
+def find_liveness(
+    gm: fx.GraphModule, example: torch.Tensor, modules: dict[str, nn.Module] | None = None
+) -> Liveness:
+    """Constant and dead channel positions of every channel node of `gm`. `modules`:
+    `dict(gm.named_modules())`, if the caller has it."""
     from fxprune.compile.const_values import constant_values  # it builds on this module
 
-    modules = dict(gm.named_modules())
+    modules = dict(gm.named_modules()) if modules is None else modules
     const = _forward_const(gm, modules)
     dead = _backward_dead(gm, modules)
     values = constant_values(gm, const, modules)

@@ -116,7 +116,8 @@ class Rewriter:
     constant branch or a changed literal argument; border terms are collected in
     `borders` for the caller to place. With `replay` (a ChannelPlan), the plan's
     decisions are taken instead of reading `liveness` (then None): the same
-    structure, placeholder values.
+    structure, placeholder values. `modules` is `dict(gm.named_modules())`, if the
+    caller has it (the rewriter keeps it current as it replaces modules).
     """
 
     def __init__(
@@ -128,12 +129,13 @@ class Rewriter:
         absorb: str,
         graph_edits: bool = True,
         replay=None,
+        modules: dict[str, nn.Module] | None = None,
     ) -> None:
         self.gm, self.analysis, self.live, self.absorb = gm, analysis, liveness, absorb
         self.graph_edits = graph_edits
         self.borders: dict[str, BorderTerm] = {}  # without graph edits: conv path -> its term
         self.replay = replay
-        self.modules = dict(gm.named_modules())
+        self.modules = dict(gm.named_modules()) if modules is None else modules  # edited
         self.notes: list[str] = []
         self.removed = removed
         self.constant_branches: list[tuple[str, str]] = []  # decisions, for the plan
