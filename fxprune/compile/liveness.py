@@ -193,9 +193,11 @@ def rows_reading(module: nn.Module, inputs: np.ndarray) -> np.ndarray:
     if cols.size == 0:
         return np.zeros(w.shape[0], bool)
     reads = w[:, cols[0]].any(axis=1)
-    if not reads.all():
+    if not reads.all():  # rows that may read nothing in `inputs`: first, the zero rows
         open_rows = np.nonzero(~reads)[0]
-        reads[open_rows] = w[open_rows][:, cols].reshape(open_rows.size, -1).any(axis=1)
+        rows = w[open_rows]
+        some = np.nonzero(rows.reshape(open_rows.size, -1).any(axis=1))[0]
+        reads[open_rows[some]] = (rows[some].any(axis=2) & inputs).any(axis=1)
     return reads
 
 
