@@ -2,7 +2,8 @@
 
 Every test runs the original module and the traced (or compiled) graph on the same
 input and compares their outputs; the shapes written while tracing must be the ones
-`propagate_shapes` writes.
+`propagate_shapes` writes, and the tensor metadata that of torch's own ShapeProp on a
+real forward pass (no meta device, no shape formulas).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import torch
 from frontend_models import yolov8n
 from helpers import compile_checked
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from fxprune.errors import TraceError
 from fxprune.trace import frontends, propagate_shapes, trace_model
+from fxprune.trace.layer_shapes import empty_like
 from fxprune.verify import relative_error, run_model
 
 
@@ -136,7 +139,8 @@ def _traced(model: nn.Module, x: torch.Tensor, monkeypatch, **kwargs):
 
 
 def _same_meta_as_propagation(gm, example) -> None:
-    """The metadata every node got while traced is what `propagate_shapes` writes."""
+    """The metadata every node got while traced is what `propagate_shapes` writes, and
+    its tensor metadata (shape, dtype, strides, memory format) that of a real run."""
     written = {n: (n.meta.get("tensor_meta"), n.meta.get("value", "-")) for n in gm.graph.nodes}
     for n in gm.graph.nodes:
         n.meta.pop("tensor_meta", None)
@@ -144,6 +148,11 @@ def _same_meta_as_propagation(gm, example) -> None:
     propagate_shapes(gm, example)
     for n in gm.graph.nodes:
         assert written[n] == (n.meta.get("tensor_meta"), n.meta.get("value", "-")), n.name
+        n.meta.pop("tensor_meta", None)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example)
+    for n in gm.graph.nodes:  # (ShapeProp annotates the output node too)
+        assert n.op == "output" or written[n][0] == n.meta.get("tensor_meta"), n.name
 
 
 def test_chunk_list_is_traced_by_fx_and_compiles_exactly(monkeypatch):
@@ -248,7 +257,9 @@ def test_a_channel_count_read_off_another_tensor_becomes_a_number():
     assert max(errors) <= 1e-4  # the other resolution too: H and W stay computed
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "googlenet"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "googlenet"]
+)
 def test_meta_written_while_tracing_equals_propagation_torchvision(name, monkeypatch):
     from fxprune import zoo
 
@@ -290,3 +301,39 @@ def test_specialised_graph_with_unreadable_functional_layers_goes_to_export():
     _, result, errors = compile_checked(model, (1, 3, 9, 9))
     assert result.removed_classes > 0
     assert max(errors) <= 1e-4
+
+
+_LAYOUTS = {
+    "contiguous": lambda x: x,
+    "channels_last": lambda x: x.to(memory_format=torch.channels_last),
+    "transposed": lambda x: x.t(),
+    "strided": lambda x: x[::2],
+    "expanded": lambda x: x[:, :1].expand(x.shape),
+}
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    [
+        ((1, 8, 5, 5), "contiguous"),
+        ((1, 8, 5, 5), "channels_last"),
+        ((1, 8, 1, 1), "contiguous"),  # contiguous and channels-last at once
+        ((2, 8, 1, 1), "channels_last"),
+        ((3, 4), "transposed"),
+        ((6,), "strided"),
+        ((2, 3, 4), "expanded"),
+        ((0, 3), "contiguous"),
+    ],
+)
+def test_meta_empty_like_is_torchs(shape, layout):
+    """layer_shapes.empty_like takes a shortcut for contiguous meta tensors: the same
+    shape, dtype, strides and memory format as torch.empty_like, whatever the layout."""
+    x = _LAYOUTS[layout](torch.empty(shape, device="meta"))
+    ours, torchs = empty_like(x), torch.empty_like(x)
+    assert (ours.shape, ours.stride(), ours.dtype, ours.device) == (
+        torchs.shape,
+        torchs.stride(),
+        torchs.dtype,
+        torchs.device,
+    )
+    assert ours.is_contiguous() == torchs.is_contiguous()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["binary_output", "layer_output", "unary_output"]
+__all__ = ["binary_output", "empty_like", "layer_output", "unary_output"]
 
 _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
@@ -27,6 +27,21 @@ _UNARY = {torch.relu: (), torch.sigmoid: (), torch.tanh: (), F.relu: ("inplace",
           F.relu6: ("inplace",), F.silu: ("inplace",), F.hardswish: ("inplace",),
           F.hardsigmoid: ("inplace",), F.gelu: ("approximate",), F.sigmoid: (),
           F.leaky_relu: ("negative_slope", "inplace"), F.mish: ("inplace",)}  # fmt: skip
+
+
+def empty_like(x: torch.Tensor) -> torch.Tensor:
+    """`torch.empty_like(x)`, sooner for a meta tensor laid out contiguously (and not
+    also channels-last, where the layout it keeps is ambiguous): the meta kernel
+    finds the layout to keep in Python (25 us); for such a tensor it is contiguous."""
+    if x.is_meta and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
+        return _empty(x.shape, x)
+    return torch.empty_like(x)
+
+
+def _empty(shape, like: torch.Tensor) -> torch.Tensor:
+    """`like.new_empty(shape)` (contiguous; its meta kernel is a Python reference
+    making this very call, 6 us instead of 2)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 def _plain(x) -> bool:
@@ -42,12 +57,12 @@ def layer_output(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor |
     if kind in _CONVS:
         return _conv_output(module, x, _CONVS[kind])
     if kind is nn.Linear and x.shape[-1] == module.in_features and x.dtype == module.weight.dtype:
-        return x.new_empty((*x.shape[:-1], module.out_features))
+        return _empty((*x.shape[:-1], module.out_features), x)
     if kind is nn.AdaptiveAvgPool2d and x.dim() in (3, 4):
         size = module.output_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         spatial = tuple(s if s is not None else d for s, d in zip(size, x.shape[-2:], strict=True))
-        return x.new_empty((*x.shape[:-2], *spatial))
+        return _empty((*x.shape[:-2], *spatial), x)
     return None
 
 
@@ -67,7 +82,7 @@ def _conv_output(conv: nn.Module, x: torch.Tensor, dims: int) -> torch.Tensor | 
         if out <= 0:
             return None  # the kernel raises the user-facing error
         spatial.append(out)
-    return x.new_empty((x.shape[0], conv.out_channels, *spatial))
+    return _empty((x.shape[0], conv.out_channels, *spatial), x)
 
 
 def binary_output(target, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -82,7 +97,7 @@ def binary_output(target, args: tuple, kwargs: dict) -> torch.Tensor | None:
         shape = torch.broadcast_shapes(a.shape, b.shape)
     except RuntimeError:
         return None
-    return a.new_empty(shape)
+    return _empty(shape, a)
 
 
 def unary_output(target, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -98,4 +113,4 @@ def unary_output(target, args: tuple, kwargs: dict) -> torch.Tensor | None:
         return None
     if any(not isinstance(v, (bool, int, float, str)) for v in (*rest, *kwargs.values())):
         return None
-    return torch.empty_like(x)
+    return empty_like(x)
