@@ -23,10 +23,14 @@ When a value cannot be computed (an op without a meta kernel), the node has none
 
 from __future__ import annotations
 
+import dis
 import functools
 import operator
+import sys
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import CodeType
 from typing import Any
 
 import torch
@@ -65,10 +69,20 @@ class MetaFindings:
 
 
 class MetaProxy(fx.Proxy):
-    """A proxy whose `len()` and attributes go through its `MetaTracer`."""
+    """A proxy whose `len()`, iteration and attributes go through its `MetaTracer`."""
 
     def __len__(self) -> int:
         return self.tracer.length(self)  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator:
+        """fx's `Proxy.__iter__`: `a, b = proxy` unpacks as many getitems as the caller's
+        bytecode asks for, anything else is the tracer's `iter`; the caller's bytecode
+        is read once per trace (fx reads it on every call)."""
+        caller = sys._getframe(1)
+        count = self.tracer.unpacked(caller.f_code, caller.f_lasti)  # type: ignore[attr-defined]
+        if count is not None:
+            return (self[i] for i in range(count))
+        return self.tracer.iter(self)
 
     def __getattr__(self, k: str) -> Attribute:
         return MetaAttribute(self, k)
@@ -103,6 +117,7 @@ class MetaTracer(LeafPolicyTracer):
         self.calling: nn.Module | None = None
         self.placeholders = 0
         self.computing = False
+        self.unpacking: dict[CodeType, tuple[list[int], list[int | None]]] = {}
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return MetaProxy(node, self)
@@ -117,6 +132,7 @@ class MetaTracer(LeafPolicyTracer):
         self.unrolled.clear()
         self.tainted.clear()
         self.specialised.clear()
+        self.unpacking.clear()
         self.placeholders = 0
         with torch.no_grad():
             with _factories_as_nodes():
@@ -222,6 +238,20 @@ class MetaTracer(LeafPolicyTracer):
         self.branches.append(self.innermost_module() or "the model's forward")
         self.specialised.append(obj.node)
         return bool(value)
+
+    def unpacked(self, code: CodeType, offset: int) -> int | None:
+        """The count of the UNPACK_SEQUENCE at bytecode `offset` of `code` (found as
+        fx's `Proxy.__iter__` finds it), None when it is another instruction."""
+        table = self.unpacking.get(code)
+        if table is None:
+            instructions = list(dis.get_instructions(code))
+            table = self.unpacking[code] = (
+                [i.offset for i in instructions],
+                [i.argval if i.opname == "UNPACK_SEQUENCE" else None for i in instructions],
+            )
+        offsets, counts = table
+        index = bisect_left(offsets, offset) if sys.version_info >= (3, 11) else offset // 2
+        return counts[index]
 
     def iter(self, obj: fx.Proxy) -> Iterator:
         """`obj[0], obj[1], ...` as getitem nodes, for a value of known length."""
