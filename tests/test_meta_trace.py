@@ -8,6 +8,8 @@ real forward pass (no meta device, no shape formulas).
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 from frontend_models import yolov8n
@@ -17,7 +19,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxprune.errors import TraceError
 from fxprune.trace import frontends, propagate_shapes, trace_model
-from fxprune.trace.layer_shapes import empty_like
+from fxprune.trace.layer_shapes import binary_output, cat_output, empty_like
 from fxprune.verify import relative_error, run_model
 
 
@@ -337,3 +339,38 @@ def test_meta_empty_like_is_torchs(shape, layout):
         torchs.device,
     )
     assert ours.is_contiguous() == torchs.is_contiguous()
+
+
+def _meta(shape, layout="contiguous"):
+    return _LAYOUTS[layout](torch.empty(shape, device="meta"))
+
+
+@pytest.mark.parametrize(
+    ("target", "args", "kwargs", "taken"),
+    [
+        (torch.cat, ([_meta((1, 8, 5, 5)), _meta((1, 4, 5, 5))], 1), {}, True),
+        (torch.cat, ([_meta((2, 3, 4)), _meta((2, 3, 1))],), {"dim": -1}, True),
+        (torch.cat, ([_meta((7, 2)), _meta((3, 2))],), {}, True),
+        (torch.cat, ([_meta((1, 8, 1, 1)), _meta((1, 8, 1, 1))], 1), {}, False),  # ambiguous
+        (torch.cat, ([_meta((1, 8, 5, 5), "channels_last"), _meta((1, 8, 5, 5))], 1), {}, False),
+        (torch.cat, ([_meta((4, 3), "transposed"), _meta((3, 4))],), {}, False),
+        (operator.add, (_meta((1, 8, 5, 5)), 0.5), {}, True),
+        (operator.mul, (2, _meta((7,))), {}, True),
+        (operator.truediv, (_meta((1, 8, 1, 1)), 3), {}, True),
+        (operator.sub, (1.0, _meta((2, 8, 1, 1), "channels_last")), {}, True),
+        (operator.truediv, (2.0, _meta((3,))), {}, False),  # `2 / x`: torch's own rule
+        (operator.add, (_meta((3, 4)), True), {}, False),
+    ],
+)
+def test_meta_formulas_are_torchs(target, args, kwargs, taken):
+    """The shape formulas for cat and for arithmetic with a Python number give what
+    torch's meta kernels give (shape, strides, dtype), or leave the case to them."""
+    formula = cat_output if target is torch.cat else binary_output
+    ours, torchs = formula(target, args, kwargs), target(*args, **kwargs)
+    assert (ours is not None) == taken
+    if ours is not None:
+        assert (ours.shape, ours.stride(), ours.dtype) == (
+            torchs.shape,
+            torchs.stride(),
+            torchs.dtype,
+        )

@@ -13,7 +13,13 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from fxprune.errors import TraceError, first_line
-from fxprune.trace.layer_shapes import binary_output, empty_like, layer_output, unary_output
+from fxprune.trace.layer_shapes import (
+    binary_output,
+    cat_output,
+    empty_like,
+    layer_output,
+    unary_output,
+)
 from fxprune.trace.run import run_graph
 
 # Modules whose output has exactly their input's shape, dtype and layout: on the
@@ -117,6 +123,7 @@ class _ShapeRecorder:
                 return target(*args, **{**kwargs, "device": "meta"})
             formula = binary_output(target, args, kwargs)
             formula = unary_output(target, args, kwargs) if formula is None else formula
+            formula = cat_output(target, args, kwargs) if formula is None else formula
         return target(*args, **kwargs) if formula is None else formula
 
     def get_attr(self, target: str, value):
