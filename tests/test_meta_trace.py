@@ -8,6 +8,7 @@ real forward pass (no meta device, no shape formulas).
 
 from __future__ import annotations
 
+import collections
 import operator
 
 import pytest
@@ -15,11 +16,13 @@ import torch
 from frontend_models import yolov8n
 from helpers import compile_checked
 from torch import nn
+from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxprune.errors import TraceError
 from fxprune.trace import frontends, propagate_shapes, trace_model
 from fxprune.trace.layer_shapes import binary_output, cat_output, empty_like
+from fxprune.trace.symbolic import symbolic_trace
 from fxprune.verify import relative_error, run_model
 
 
@@ -271,6 +274,26 @@ def test_meta_written_while_tracing_equals_propagation_torchvision(name, monkeyp
     assert not any(m.training for m in traced.gm.modules())  # as propagate_shapes leaves it
     assert relative_error(model(x), run_model(traced.gm, x)) <= 1e-6
     _same_meta_as_propagation(traced.gm, x)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_large", "googlenet"])
+def test_leaf_policy_tracer_records_fxs_own_graph(name):
+    """The tracer's shortcuts (its create_arg, its module stack's copies) change nothing
+    fx records: the nodes, their arguments and `nn_module_stack` are plain fx's."""
+    from fxprune import zoo
+
+    model, x = zoo.create_model(name).eval(), torch.randn(1, 3, 64, 64)
+
+    def recorded(gm):
+        return [(n.name, n.op, n.target, map_arg(n.args, str), map_arg(n.kwargs, str),
+                 n.meta.get("nn_module_stack"), type(n.meta.get("nn_module_stack")))
+                for n in gm.graph.nodes]  # fmt: skip
+
+    ours = symbolic_trace(model)
+    assert recorded(ours) == recorded(torch.fx.symbolic_trace(model))
+    assert any(type(n.meta.get("nn_module_stack")) is collections.OrderedDict
+               for n in ours.graph.nodes)  # fmt: skip
+    assert relative_error(model(x), ours(x)) == 0.0
 
 
 def test_yolov8n_is_traced_by_fx_with_the_same_meta(monkeypatch):
