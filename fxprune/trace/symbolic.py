@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.proxy import Scope
 
 from fxprune.errors import TraceError, first_line
 from fxprune.modules import BorderTerm
@@ -57,6 +58,7 @@ class LeafPolicyTracer(fx.Tracer):
         super().__init__()
         self.leaves = leaves
         self.module_stack = _ModuleStack()
+        self.scope = _Scope("", None)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaves:
@@ -72,12 +74,18 @@ class LeafPolicyTracer(fx.Tracer):
 
     def create_arg(self, a: Any) -> Any:
         """fx's `create_arg`, sooner for the commonest arguments: a proxy is its node, a
-        number or string itself (fx first asks of each whether it is a parameter,
-        tensor, module, named tuple or constant: microseconds an argument)."""
+        number or string itself, a plain tuple or list that of its items' (fx first asks
+        of each whether it is a parameter, tensor, module, named tuple or constant:
+        microseconds an argument)."""
         if isinstance(a, fx.Proxy):
             return a.node
-        if type(a) in _PLAIN_ARGUMENTS:
+        kind = type(a)
+        if kind in _PLAIN_ARGUMENTS:
             return a
+        if kind is tuple:
+            return tuple([self.create_arg(item) for item in a])
+        if kind is list:
+            return [self.create_arg(item) for item in a]
         return super().create_arg(a)
 
     def innermost_module(self) -> str:
@@ -95,6 +103,14 @@ class _ModuleStack(collections.OrderedDict):
 
     def __copy__(self) -> collections.OrderedDict:
         return collections.OrderedDict(self)
+
+
+class _Scope(Scope):
+    """fx's current scope (module path and type), which fx saves with `copy.copy` (the
+    pickle protocol) around every module call: saved directly."""
+
+    def __copy__(self) -> Scope:
+        return Scope(self.module_path, self.module_type)
 
 
 _LAYER_BASES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d,
