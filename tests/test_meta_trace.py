@@ -21,7 +21,13 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxprune.errors import TraceError
 from fxprune.trace import frontends, propagate_shapes, trace_model
-from fxprune.trace.layer_shapes import binary_output, cat_output, empty_like
+from fxprune.trace.layer_shapes import (
+    arange_output,
+    binary_output,
+    cat_output,
+    empty_like,
+    layer_output,
+)
 from fxprune.trace.symbolic import symbolic_trace
 from fxprune.verify import relative_error, run_model
 
@@ -383,17 +389,50 @@ def _meta(shape, layout="contiguous"):
         (operator.sub, (1.0, _meta((2, 8, 1, 1), "channels_last")), {}, True),
         (operator.truediv, (2.0, _meta((3,))), {}, False),  # `2 / x`: torch's own rule
         (operator.add, (_meta((3, 4)), True), {}, False),
+        (torch.arange, (), {"end": 7, "device": "meta"}, True),
+        (torch.arange, (2, 11, 3), {"dtype": torch.float16, "device": "meta"}, True),
+        (torch.arange, (5, -4, -2), {"device": "meta"}, True),
+        (torch.arange, (3,), {"start": 1, "device": "meta"}, False),  # torch's error
+        (torch.arange, (0.5, 4), {"device": "meta"}, False),  # float bounds: torch's rounding
     ],
 )
 def test_meta_formulas_are_torchs(target, args, kwargs, taken):
-    """The shape formulas for cat and for arithmetic with a Python number give what
+    """The shape formulas for cat, arange and arithmetic with a Python number give what
     torch's meta kernels give (shape, strides, dtype), or leave the case to them."""
-    formula = cat_output if target is torch.cat else binary_output
-    ours, torchs = formula(target, args, kwargs), target(*args, **kwargs)
+    formula = {torch.cat: cat_output, torch.arange: arange_output}.get(target, binary_output)
+    ours = formula(target, args, kwargs)
     assert (ours is not None) == taken
     if ours is not None:
-        assert (ours.shape, ours.stride(), ours.dtype) == (
-            torchs.shape,
-            torchs.stride(),
-            torchs.dtype,
-        )
+        _same_layout(ours, target(*args, **kwargs))
+
+
+def _same_layout(ours: torch.Tensor, torchs: torch.Tensor) -> None:
+    assert (ours.shape, ours.stride(), ours.dtype, ours.device) == (
+        torchs.shape,
+        torchs.stride(),
+        torchs.dtype,
+        torchs.device,
+    )
+
+
+@pytest.mark.parametrize(
+    ("module", "x", "taken"),
+    [
+        (nn.MaxPool2d(5, 1, 2), _meta((1, 8, 9, 7)), True),  # Ultralytics' SPPF
+        (nn.MaxPool2d(3, 2, 1), _meta((2, 8, 10, 10)), True),
+        (nn.MaxPool2d((2, 3), (1, 2), (1, 0), 2), _meta((1, 3, 9, 9)), True),
+        (nn.MaxPool2d(3, 2, ceil_mode=True), _meta((1, 8, 10, 10)), False),
+        (nn.MaxPool2d(2), _meta((1, 8, 6, 6), "channels_last"), False),
+        (nn.Upsample(scale_factor=2.0), _meta((1, 8, 5, 7)), True),
+        (nn.Upsample(scale_factor=(1.5, 0.5)), _meta((1, 8, 5, 7)), True),
+        (nn.Upsample(scale_factor=2, mode="bilinear"), _meta((1, 8, 5, 7)), False),
+        (nn.Upsample(size=(3, 3)), _meta((1, 8, 5, 7)), False),
+    ],
+)
+def test_meta_layer_formulas_are_torchs(module, x, taken):
+    """The shape formulas for MaxPool2d and nearest Upsample give what the modules give
+    on the meta device, or leave the case to them."""
+    ours = layer_output(module, (x,), {})
+    assert (ours is not None) == taken
+    if ours is not None:
+        _same_layout(ours, module(x))

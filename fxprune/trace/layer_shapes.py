@@ -9,14 +9,25 @@ inputs), or None whenever anything is unusual: then the real meta kernel runs.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["binary_output", "cat_output", "empty_like", "layer_output", "unary_output"]
+__all__ = [
+    "arange_output",
+    "binary_output",
+    "cat_output",
+    "empty_like",
+    "layer_output",
+    "unary_output",
+]
 
+_ARANGE_KEYWORDS = {"start", "end", "step", "dtype", "device"}  # (the device: meta, always)
+_ARANGE_NAMED = ({"end"}, {"start", "end"}, {"start", "end", "step"})
+_ARANGE_DTYPES = {torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8}
 _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
            torch.mul}  # fmt: skip
@@ -63,8 +74,9 @@ def _plain(x) -> bool:
 
 
 def layer_output(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The output of a Conv1d/2d/3d, Linear or AdaptiveAvgPool2d call on one plain
-    meta tensor, as an empty meta tensor; None for anything else."""
+    """The output of a Conv1d/2d/3d, Linear, MaxPool2d, Upsample (nearest) or
+    AdaptiveAvgPool2d call on one plain meta tensor, as an empty meta tensor; None for
+    anything else."""
     if len(args) != 1 or kwargs or not _plain(args[0]):
         return None
     x, kind = args[0], type(module)
@@ -72,6 +84,10 @@ def layer_output(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor |
         return _conv_output(module, x, _CONVS[kind])
     if kind is nn.Linear and x.shape[-1] == module.in_features and x.dtype == module.weight.dtype:
         return _empty((*x.shape[:-1], module.out_features), x)
+    if kind is nn.MaxPool2d and x.dim() == 4 and not _channels_last_too(x):
+        return _max_pool_output(module, x)
+    if kind is nn.Upsample and x.dim() == 4 and not _channels_last_too(x):
+        return _upsample_output(module, x)
     if kind is nn.AdaptiveAvgPool2d and x.dim() in (3, 4):
         size = module.output_size
         size = (size, size) if isinstance(size, int) else tuple(size)
@@ -97,6 +113,69 @@ def _conv_output(conv: nn.Module, x: torch.Tensor, dims: int) -> torch.Tensor | 
             return None  # the kernel raises the user-facing error
         spatial.append(out)
     return _empty((x.shape[0], conv.out_channels, *spatial), x)
+
+
+def _max_pool_output(pool: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor | None:
+    """Floor mode, no indices, padding at most half the kernel, every size known."""
+    if pool.ceil_mode or pool.return_indices or x.numel() == 0:
+        return None
+    sides = [_pair(v) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation)]
+    if any(side is None for side in sides):
+        return None
+    spatial = []
+    for size, k, s, p, d in zip(x.shape[2:], *sides, strict=True):
+        out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+        if min(k, s, d) <= 0 or not 0 <= p <= k // 2 or out <= 0:
+            return None  # the kernel raises the user-facing error
+        spatial.append(out)
+    return _empty((*x.shape[:2], *spatial), x)
+
+
+def _upsample_output(up: nn.Upsample, x: torch.Tensor) -> torch.Tensor | None:
+    """Nearest, by a positive scale factor: each side `floor(size * scale)`."""
+    if up.mode != "nearest" or up.size is not None or up.recompute_scale_factor:
+        return None
+    scale = up.scale_factor
+    scales = (scale, scale) if isinstance(scale, (int, float)) else scale
+    if not isinstance(scales, tuple) or len(scales) != 2 or x.numel() == 0:
+        return None
+    if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in scales):
+        return None
+    spatial = [
+        math.floor(float(size) * float(f)) for size, f in zip(x.shape[2:], scales, strict=True)
+    ]
+    return _empty((*x.shape[:2], *spatial), x) if min(spatial) > 0 else None
+
+
+def _pair(value) -> tuple[int, int] | None:
+    pair = (value, value) if isinstance(value, int) else value
+    ok = isinstance(pair, tuple) and len(pair) == 2 and all(type(v) is int for v in pair)
+    return pair if ok else None
+
+
+def arange_output(target, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """`torch.arange(start, end, step)` of Python ints (`torch.arange(end=w)`, w traced),
+    int64 or of the dtype asked for, as an empty meta tensor (the meta arange runs
+    Python: 70 us); None for anything else."""
+    if target is not torch.arange or len(args) > 3 or set(kwargs) - _ARANGE_KEYWORDS:
+        return None
+    named = set(kwargs) & {"start", "end", "step"}
+    if named and (args or named not in _ARANGE_NAMED) or not (args or named):
+        return None  # bounds all positional, or named as one of torch's signatures
+    positional = ("end",) if len(args) == 1 else ("start", "end", "step")
+    bounds = {"start": 0, "step": 1, **dict(zip(positional, args, strict=False)), **kwargs}
+    start, end, step = bounds["start"], bounds["end"], bounds["step"]
+    if any(type(v) is not int or abs(v) >= 2**53 for v in (start, end, step)) or step == 0:
+        return None
+    dtype = kwargs.get("dtype") or torch.int64
+    if dtype not in _ARANGE_DTYPES and not (
+        isinstance(dtype, torch.dtype) and dtype.is_floating_point
+    ):
+        return None
+    if (end - start) * step < 0:
+        return None  # torch's error: the bounds disagree with the step's sign
+    length = -((start - end) // step)  # ceil((end - start) / step)
+    return torch.empty(length, dtype=dtype, device="meta")
 
 
 def binary_output(target, args: tuple, kwargs: dict) -> torch.Tensor | None:

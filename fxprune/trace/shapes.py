@@ -14,6 +14,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from fxprune.errors import TraceError, first_line
 from fxprune.trace.layer_shapes import (
+    arange_output,
     binary_output,
     cat_output,
     empty_like,
@@ -120,7 +121,8 @@ class _ShapeRecorder:
         formula = None
         if self.on_meta:
             if target in _FACTORY_FUNCTIONS:
-                return target(*args, **{**kwargs, "device": "meta"})
+                formula = arange_output(target, args, kwargs)
+                return target(*args, **{**kwargs, "device": "meta"}) if formula is None else formula
             formula = binary_output(target, args, kwargs)
             formula = unary_output(target, args, kwargs) if formula is None else formula
             formula = cat_output(target, args, kwargs) if formula is None else formula
