@@ -436,3 +436,36 @@ def test_meta_layer_formulas_are_torchs(module, x, taken):
     assert (ours is not None) == taken
     if ours is not None:
         _same_layout(ours, module(x))
+
+
+class CachedInEval(nn.Module):
+    """timm's LeViT: a cache filled in eval mode, cleared by its own `train`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.cleared = 0
+
+    def train(self, mode: bool = True):
+        self.cleared += 1
+        return super().train(mode)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_trace_puts_the_model_in_eval_mode_through_its_own_train(training):
+    """trace_model leaves out `eval()` only where it would change nothing: a model in
+    training mode is put in eval mode, and a class's own `train` still runs."""
+    plain = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).train(training)
+    x = torch.randn(2, 3, 5, 5)
+    traced = trace_model(plain, x, copy_module=False)
+    assert not any(m.training for m in plain.modules())
+    assert not any(m.training for m in traced.gm.modules())
+    assert relative_error(plain(x), traced.gm(x)) == 0.0
+    model = CachedInEval().train(training)
+    calls = model.cleared
+    traced = trace_model(model, x, copy_module=False)
+    assert model.cleared == calls + 1 and not model.training
+    assert relative_error(model(x), traced.gm(x)) == 0.0
