@@ -74,9 +74,9 @@ class LeafPolicyTracer(fx.Tracer):
 
     def create_arg(self, a: Any) -> Any:
         """fx's `create_arg`, sooner for the commonest arguments: a proxy is its node, a
-        number or string itself, a plain tuple or list that of its items' (fx first asks
-        of each whether it is a parameter, tensor, module, named tuple or constant:
-        microseconds an argument)."""
+        number or string itself, a plain tuple, list or dict (string keys) that of its
+        items' (fx first asks of each whether it is a parameter, tensor, module, named
+        tuple or constant: microseconds an argument)."""
         if isinstance(a, fx.Proxy):
             return a.node
         kind = type(a)
@@ -86,6 +86,8 @@ class LeafPolicyTracer(fx.Tracer):
             return tuple([self.create_arg(item) for item in a])
         if kind is list:
             return [self.create_arg(item) for item in a]
+        if kind is dict and all(type(key) is str for key in a):
+            return {key: self.create_arg(value) for key, value in a.items()}
         return super().create_arg(a)
 
     def innermost_module(self) -> str:
