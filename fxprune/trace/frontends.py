@@ -31,6 +31,8 @@ from fxprune.trace.symbolic import (
 )
 
 FRONTENDS = ("auto", "fx", "export")
+# nn.Module's own, to tell a class that changes what `eval()` does
+_TRAIN, _EVAL, _SETATTR = nn.Module.train, nn.Module.eval, nn.Module.__setattr__
 
 
 def trace_model(
@@ -89,9 +91,6 @@ def _eval_is_no_op(module: nn.Module) -> bool:
         kinds.add(type(m))
         stack.extend(child for child in m._modules.values() if child is not None)
     return all(k.train is _TRAIN and k.eval is _EVAL and k.__setattr__ is _SETATTR for k in kinds)
-
-
-_TRAIN, _EVAL, _SETATTR = nn.Module.train, nn.Module.eval, nn.Module.__setattr__
 
 
 def _export_instead(target: nn.Module, example: torch.Tensor, layers: list[str]):
