@@ -1,9 +1,10 @@
-"""Output shapes of common layers by their formulas, for shape propagation on the meta
-device: the meta kernels of convolution, linear and broadcasting arithmetic run
-through Python reference implementations that cost a millisecond a call, more
-than the rest of propagation per node. Each function returns an empty meta tensor
-of the output's shape and dtype (contiguous, as the kernels return for contiguous
-inputs), or None whenever anything is unusual: then the real meta kernel runs.
+"""Output shapes of common layers and ops by their formulas, for shape propagation on
+the meta device: the meta kernels of convolution, linear, pooling, upsampling, cat,
+arange and arithmetic run through Python reference implementations (tens of
+microseconds to a millisecond a call), more than the rest of propagation per node.
+Each function returns an empty meta tensor of the output's shape, dtype and layout
+(contiguous, as the kernels return for contiguous inputs; `empty_like` keeps torch's
+own choice), or None whenever anything is unusual: then the real meta kernel runs.
 """
 
 from __future__ import annotations
