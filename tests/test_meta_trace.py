@@ -343,6 +343,19 @@ _LAYOUTS = {
 }
 
 
+def _meta(shape, layout="contiguous"):
+    return _LAYOUTS[layout](torch.empty(shape, device="meta"))
+
+
+def _same_layout(ours: torch.Tensor, torchs: torch.Tensor) -> None:
+    assert (ours.shape, ours.stride(), ours.dtype, ours.device) == (
+        torchs.shape,
+        torchs.stride(),
+        torchs.dtype,
+        torchs.device,
+    )
+
+
 @pytest.mark.parametrize(
     ("shape", "layout"),
     [
@@ -359,19 +372,8 @@ _LAYOUTS = {
 def test_meta_empty_like_is_torchs(shape, layout):
     """layer_shapes.empty_like takes a shortcut for contiguous meta tensors: the same
     shape, dtype, strides and memory format as torch.empty_like, whatever the layout."""
-    x = _LAYOUTS[layout](torch.empty(shape, device="meta"))
-    ours, torchs = empty_like(x), torch.empty_like(x)
-    assert (ours.shape, ours.stride(), ours.dtype, ours.device) == (
-        torchs.shape,
-        torchs.stride(),
-        torchs.dtype,
-        torchs.device,
-    )
-    assert ours.is_contiguous() == torchs.is_contiguous()
-
-
-def _meta(shape, layout="contiguous"):
-    return _LAYOUTS[layout](torch.empty(shape, device="meta"))
+    x = _meta(shape, layout)
+    _same_layout(empty_like(x), torch.empty_like(x))
 
 
 @pytest.mark.parametrize(
@@ -404,15 +406,6 @@ def test_meta_formulas_are_torchs(target, args, kwargs, taken):
     assert (ours is not None) == taken
     if ours is not None:
         _same_layout(ours, target(*args, **kwargs))
-
-
-def _same_layout(ours: torch.Tensor, torchs: torch.Tensor) -> None:
-    assert (ours.shape, ours.stride(), ours.dtype, ours.device) == (
-        torchs.shape,
-        torchs.stride(),
-        torchs.dtype,
-        torchs.device,
-    )
 
 
 @pytest.mark.parametrize(
