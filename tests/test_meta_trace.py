@@ -9,6 +9,7 @@ real forward pass (no meta device, no shape formulas).
 from __future__ import annotations
 
 import collections
+import dis
 import operator
 
 import pytest
@@ -28,6 +29,7 @@ from fxprune.trace.layer_shapes import (
     empty_like,
     layer_output,
 )
+from fxprune.trace.meta_proxy import _unpacked
 from fxprune.trace.symbolic import symbolic_trace
 from fxprune.verify import relative_error, run_model
 
@@ -462,3 +464,33 @@ def test_trace_puts_the_model_in_eval_mode_through_its_own_train(training):
     traced = trace_model(model, x, copy_module=False)
     assert model.cleared == calls + 1 and not model.training
     assert relative_error(model(x), traced.gm(x)) == 0.0
+
+
+def _wide_unpacking() -> nn.Module:
+    """`v0, v1, ..., v299 = x.split(1, 1)`: a count beyond one byte of bytecode."""
+    names = ", ".join(f"v{i}" for i in range(300))
+    namespace: dict = {}
+    exec(f"def forward(self, x):\n    {names} = x.split(1, 1)\n    return v0 - v299", namespace)
+    return type("WideUnpacking", (nn.Module,), {"forward": namespace["forward"]})()
+
+
+@pytest.mark.parametrize(
+    ("module", "shape"),
+    [
+        (ChunkList(), (2, 3, 8, 8)),
+        (ForeignChannels(), (1, 3, 6, 6)),
+        (_wide_unpacking(), (1, 300, 2, 2)),
+    ],
+)
+def test_unpacking_a_proxy_reads_the_count_as_fx_does(module, shape):
+    """MetaProxy.__iter__ reads `a, b = proxy`'s count off the caller's bytecode: at every
+    instruction of these forwards it finds what fx's disassembly finds, and the traced
+    graphs run as the modules do."""
+    code = type(module).forward.__code__
+    for instruction in dis.get_instructions(code):
+        expected = instruction.argval if instruction.opname == "UNPACK_SEQUENCE" else None
+        assert _unpacked(code, instruction.offset) == expected
+    module, x = module.eval(), torch.randn(shape)
+    expected, actual = module(x), trace_model(module, x, frontend="fx").gm(x)
+    expected, actual = (o if isinstance(o, tuple) else (o,) for o in (expected, actual))
+    assert all(relative_error(e, a) == 0.0 for e, a in zip(expected, actual, strict=True))
