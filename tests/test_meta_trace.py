@@ -2,19 +2,35 @@
 
 Every test runs the original module and the traced (or compiled) graph on the same
 input and compares their outputs; the shapes written while tracing must be the ones
-`propagate_shapes` writes.
+`propagate_shapes` writes, and the tensor metadata that of torch's own ShapeProp on a
+real forward pass (no meta device, no shape formulas).
 """
 
 from __future__ import annotations
+
+import collections
+import dis
+import operator
 
 import pytest
 import torch
 from frontend_models import yolov8n
 from helpers import compile_checked
 from torch import nn
+from torch.fx.node import map_arg
+from torch.fx.passes.shape_prop import ShapeProp
 
 from fxprune.errors import TraceError
 from fxprune.trace import frontends, propagate_shapes, trace_model
+from fxprune.trace.layer_shapes import (
+    arange_output,
+    binary_output,
+    cat_output,
+    empty_like,
+    layer_output,
+)
+from fxprune.trace.meta_proxy import _unpacked
+from fxprune.trace.symbolic import symbolic_trace
 from fxprune.verify import relative_error, run_model
 
 
@@ -136,7 +152,8 @@ def _traced(model: nn.Module, x: torch.Tensor, monkeypatch, **kwargs):
 
 
 def _same_meta_as_propagation(gm, example) -> None:
-    """The metadata every node got while traced is what `propagate_shapes` writes."""
+    """The metadata every node got while traced is what `propagate_shapes` writes, and
+    its tensor metadata (shape, dtype, strides, memory format) that of a real run."""
     written = {n: (n.meta.get("tensor_meta"), n.meta.get("value", "-")) for n in gm.graph.nodes}
     for n in gm.graph.nodes:
         n.meta.pop("tensor_meta", None)
@@ -144,6 +161,11 @@ def _same_meta_as_propagation(gm, example) -> None:
     propagate_shapes(gm, example)
     for n in gm.graph.nodes:
         assert written[n] == (n.meta.get("tensor_meta"), n.meta.get("value", "-")), n.name
+        n.meta.pop("tensor_meta", None)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example)
+    for n in gm.graph.nodes:  # (ShapeProp annotates the output node too)
+        assert n.op == "output" or written[n][0] == n.meta.get("tensor_meta"), n.name
 
 
 def test_chunk_list_is_traced_by_fx_and_compiles_exactly(monkeypatch):
@@ -248,7 +270,9 @@ def test_a_channel_count_read_off_another_tensor_becomes_a_number():
     assert max(errors) <= 1e-4  # the other resolution too: H and W stay computed
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "googlenet"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "googlenet"]
+)
 def test_meta_written_while_tracing_equals_propagation_torchvision(name, monkeypatch):
     from fxprune import zoo
 
@@ -258,6 +282,26 @@ def test_meta_written_while_tracing_equals_propagation_torchvision(name, monkeyp
     assert not any(m.training for m in traced.gm.modules())  # as propagate_shapes leaves it
     assert relative_error(model(x), run_model(traced.gm, x)) <= 1e-6
     _same_meta_as_propagation(traced.gm, x)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_large", "googlenet"])
+def test_leaf_policy_tracer_records_fxs_own_graph(name):
+    """The tracer's shortcuts (its create_arg, its module stack's copies) change nothing
+    fx records: the nodes, their arguments and `nn_module_stack` are plain fx's."""
+    from fxprune import zoo
+
+    model, x = zoo.create_model(name).eval(), torch.randn(1, 3, 64, 64)
+
+    def recorded(gm):
+        return [(n.name, n.op, n.target, map_arg(n.args, str), map_arg(n.kwargs, str),
+                 n.meta.get("nn_module_stack"), type(n.meta.get("nn_module_stack")))
+                for n in gm.graph.nodes]  # fmt: skip
+
+    ours = symbolic_trace(model)
+    assert recorded(ours) == recorded(torch.fx.symbolic_trace(model))
+    assert any(type(n.meta.get("nn_module_stack")) is collections.OrderedDict
+               for n in ours.graph.nodes)  # fmt: skip
+    assert relative_error(model(x), ours(x)) == 0.0
 
 
 def test_yolov8n_is_traced_by_fx_with_the_same_meta(monkeypatch):
@@ -290,3 +334,163 @@ def test_specialised_graph_with_unreadable_functional_layers_goes_to_export():
     _, result, errors = compile_checked(model, (1, 3, 9, 9))
     assert result.removed_classes > 0
     assert max(errors) <= 1e-4
+
+
+_LAYOUTS = {
+    "contiguous": lambda x: x,
+    "channels_last": lambda x: x.to(memory_format=torch.channels_last),
+    "transposed": lambda x: x.t(),
+    "strided": lambda x: x[::2],
+    "expanded": lambda x: x[:, :1].expand(x.shape),
+}
+
+
+def _meta(shape, layout="contiguous"):
+    return _LAYOUTS[layout](torch.empty(shape, device="meta"))
+
+
+def _same_layout(ours: torch.Tensor, torchs: torch.Tensor) -> None:
+    assert (ours.shape, ours.stride(), ours.dtype, ours.device) == (
+        torchs.shape,
+        torchs.stride(),
+        torchs.dtype,
+        torchs.device,
+    )
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    [
+        ((1, 8, 5, 5), "contiguous"),
+        ((1, 8, 5, 5), "channels_last"),
+        ((1, 8, 1, 1), "contiguous"),  # contiguous and channels-last at once
+        ((2, 8, 1, 1), "channels_last"),
+        ((3, 4), "transposed"),
+        ((6,), "strided"),
+        ((2, 3, 4), "expanded"),
+        ((0, 3), "contiguous"),
+    ],
+)
+def test_meta_empty_like_is_torchs(shape, layout):
+    """layer_shapes.empty_like takes a shortcut for contiguous meta tensors: the same
+    shape, dtype, strides and memory format as torch.empty_like, whatever the layout."""
+    x = _meta(shape, layout)
+    _same_layout(empty_like(x), torch.empty_like(x))
+
+
+@pytest.mark.parametrize(
+    ("target", "args", "kwargs", "taken"),
+    [
+        (torch.cat, ([_meta((1, 8, 5, 5)), _meta((1, 4, 5, 5))], 1), {}, True),
+        (torch.cat, ([_meta((2, 3, 4)), _meta((2, 3, 1))],), {"dim": -1}, True),
+        (torch.cat, ([_meta((7, 2)), _meta((3, 2))],), {}, True),
+        (torch.cat, ([_meta((1, 8, 1, 1)), _meta((1, 8, 1, 1))], 1), {}, False),  # ambiguous
+        (torch.cat, ([_meta((1, 8, 5, 5), "channels_last"), _meta((1, 8, 5, 5))], 1), {}, False),
+        (torch.cat, ([_meta((4, 3), "transposed"), _meta((3, 4))],), {}, False),
+        (operator.add, (_meta((1, 8, 5, 5)), 0.5), {}, True),
+        (operator.mul, (2, _meta((7,))), {}, True),
+        (operator.truediv, (_meta((1, 8, 1, 1)), 3), {}, True),
+        (operator.sub, (1.0, _meta((2, 8, 1, 1), "channels_last")), {}, True),
+        (operator.truediv, (2.0, _meta((3,))), {}, False),  # `2 / x`: torch's own rule
+        (operator.add, (_meta((3, 4)), True), {}, False),
+        (torch.arange, (), {"end": 7, "device": "meta"}, True),
+        (torch.arange, (2, 11, 3), {"dtype": torch.float16, "device": "meta"}, True),
+        (torch.arange, (5, -4, -2), {"device": "meta"}, True),
+        (torch.arange, (3,), {"start": 1, "device": "meta"}, False),  # torch's error
+        (torch.arange, (0.5, 4), {"device": "meta"}, False),  # float bounds: torch's rounding
+    ],
+)
+def test_meta_formulas_are_torchs(target, args, kwargs, taken):
+    """The shape formulas for cat, arange and arithmetic with a Python number give what
+    torch's meta kernels give (shape, strides, dtype), or leave the case to them."""
+    formula = {torch.cat: cat_output, torch.arange: arange_output}.get(target, binary_output)
+    ours = formula(target, args, kwargs)
+    assert (ours is not None) == taken
+    if ours is not None:
+        _same_layout(ours, target(*args, **kwargs))
+
+
+@pytest.mark.parametrize(
+    ("module", "x", "taken"),
+    [
+        (nn.MaxPool2d(5, 1, 2), _meta((1, 8, 9, 7)), True),  # Ultralytics' SPPF
+        (nn.MaxPool2d(3, 2, 1), _meta((2, 8, 10, 10)), True),
+        (nn.MaxPool2d((2, 3), (1, 2), (1, 0), 2), _meta((1, 3, 9, 9)), True),
+        (nn.MaxPool2d(3, 2, ceil_mode=True), _meta((1, 8, 10, 10)), False),
+        (nn.MaxPool2d(2), _meta((1, 8, 6, 6), "channels_last"), False),
+        (nn.Upsample(scale_factor=2.0), _meta((1, 8, 5, 7)), True),
+        (nn.Upsample(scale_factor=(1.5, 0.5)), _meta((1, 8, 5, 7)), True),
+        (nn.Upsample(scale_factor=2, mode="bilinear"), _meta((1, 8, 5, 7)), False),
+        (nn.Upsample(size=(3, 3)), _meta((1, 8, 5, 7)), False),
+    ],
+)
+def test_meta_layer_formulas_are_torchs(module, x, taken):
+    """The shape formulas for MaxPool2d and nearest Upsample give what the modules give
+    on the meta device, or leave the case to them."""
+    ours = layer_output(module, (x,), {})
+    assert (ours is not None) == taken
+    if ours is not None:
+        _same_layout(ours, module(x))
+
+
+class CachedInEval(nn.Module):
+    """timm's LeViT: a cache filled in eval mode, cleared by its own `train`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.cleared = 0
+
+    def train(self, mode: bool = True):
+        self.cleared += 1
+        return super().train(mode)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_trace_puts_the_model_in_eval_mode_through_its_own_train(training):
+    """trace_model leaves out `eval()` only where it would change nothing: a model in
+    training mode is put in eval mode, and a class's own `train` still runs."""
+    plain = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).train(training)
+    x = torch.randn(2, 3, 5, 5)
+    traced = trace_model(plain, x, copy_module=False)
+    assert not any(m.training for m in plain.modules())
+    assert not any(m.training for m in traced.gm.modules())
+    assert relative_error(plain(x), traced.gm(x)) == 0.0
+    model = CachedInEval().train(training)
+    calls = model.cleared
+    traced = trace_model(model, x, copy_module=False)
+    assert model.cleared == calls + 1 and not model.training
+    assert relative_error(model(x), traced.gm(x)) == 0.0
+
+
+def _wide_unpacking() -> nn.Module:
+    """`v0, v1, ..., v299 = x.split(1, 1)`: a count beyond one byte of bytecode."""
+    names = ", ".join(f"v{i}" for i in range(300))
+    namespace: dict = {}
+    exec(f"def forward(self, x):\n    {names} = x.split(1, 1)\n    return v0 - v299", namespace)
+    return type("WideUnpacking", (nn.Module,), {"forward": namespace["forward"]})()
+
+
+@pytest.mark.parametrize(
+    ("module", "shape"),
+    [
+        (ChunkList(), (2, 3, 8, 8)),
+        (ForeignChannels(), (1, 3, 6, 6)),
+        (_wide_unpacking(), (1, 300, 2, 2)),
+    ],
+)
+def test_unpacking_a_proxy_reads_the_count_as_fx_does(module, shape):
+    """MetaProxy.__iter__ reads `a, b = proxy`'s count off the caller's bytecode: at every
+    instruction of these forwards it finds what fx's disassembly finds, and the traced
+    graphs run as the modules do."""
+    code = type(module).forward.__code__
+    for instruction in dis.get_instructions(code):
+        expected = instruction.argval if instruction.opname == "UNPACK_SEQUENCE" else None
+        assert _unpacked(code, instruction.offset) == expected
+    module, x = module.eval(), torch.randn(shape)
+    expected, actual = module(x), trace_model(module, x, frontend="fx").gm(x)
+    expected, actual = (o if isinstance(o, tuple) else (o,) for o in (expected, actual))
+    assert all(relative_error(e, a) == 0.0 for e, a in zip(expected, actual, strict=True))

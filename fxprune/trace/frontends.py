@@ -31,6 +31,8 @@ from fxprune.trace.symbolic import (
 )
 
 FRONTENDS = ("auto", "fx", "export")
+# nn.Module's own, to tell a class that changes what `eval()` does
+_TRAIN, _EVAL, _SETATTR = nn.Module.train, nn.Module.eval, nn.Module.__setattr__
 
 
 def trace_model(
@@ -54,7 +56,9 @@ def trace_model(
     if frontend not in FRONTENDS:
         raise TraceError(f"unknown front end '{frontend}' (choose from {', '.join(FRONTENDS)})")
     target = resolve_submodule(module, submodule) if submodule else module
-    target = (copy.deepcopy(target) if copy_module else target).eval()
+    target = copy.deepcopy(target) if copy_module else target
+    if not _eval_is_no_op(target):
+        target.eval()
     leaves: dict[str, str] = {}
     findings = MetaFindings(complete=False)
     if frontend == "export":
@@ -72,6 +76,21 @@ def trace_model(
                      f"{', '.join(kept)}")  # fmt: skip
     return Traced(gm=gm, example=example, leaves=leaves, submodule=submodule,
                   frontend=used, notes=notes)  # fmt: skip
+
+
+def _eval_is_no_op(module: nn.Module) -> bool:
+    """`module.eval()` would change nothing (it walks every module through
+    `nn.Module.__setattr__`: 0.5 ms on a mobile network): every module is in eval
+    mode already and none of their classes has its own `train`, `eval` or
+    `__setattr__` (timm's LeViT clears a cache in `train`)."""
+    kinds, stack = set(), [module]
+    while stack:
+        m = stack.pop()
+        if m.training:
+            return False
+        kinds.add(type(m))
+        stack.extend(child for child in m._modules.values() if child is not None)
+    return all(k.train is _TRAIN and k.eval is _EVAL and k.__setattr__ is _SETATTR for k in kinds)
 
 
 def _export_instead(target: nn.Module, example: torch.Tensor, layers: list[str]):

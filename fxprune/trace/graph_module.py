@@ -18,6 +18,7 @@ like any other.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -65,6 +66,7 @@ def graph_module(
     return gm
 
 
+@functools.cache  # tracer classes are few and module-level (`<locals>` ones are not asked)
 def _no_arguments(cls: type) -> bool:
     """`cls()` works: unpickling a GraphModule calls its tracer class so, and fxprune's
     tracers take their leaves (pickling would succeed and loading fail)."""
@@ -89,7 +91,7 @@ def _install(
         return  # a module on the path is installed whole: it holds this already
     _container(root, prefix, containers, sources)
     source, container = sources[prefix], containers[prefix]
-    value = getattr(source, name)
+    value = _child(source, name)
     if isinstance(value, nn.Module):  # whole (replacing a container made for its children)
         container._modules[name] = value
         containers[target] = sources[target] = value
@@ -115,7 +117,7 @@ def _container(
     _container(root, parent_prefix, containers, sources)
     source = _child(sources[parent_prefix], name)
     container = nn.Module()
-    container.training = source.training
+    container.__dict__["training"] = source.training  # (nn.Module.__setattr__ checks its tables)
     containers[parent_prefix]._modules[name] = container
     containers[prefix], sources[prefix] = container, source
 
@@ -131,6 +133,8 @@ def _below_installed(prefix: str, containers: dict, sources: dict) -> bool:
     return False
 
 
-def _child(module: nn.Module, name: str) -> nn.Module:
+def _child(module: nn.Module, name: str):
+    """`getattr(module, name)`, sooner for a submodule (nn.Module's `__getattr__` runs
+    Python)."""
     child = module._modules.get(name)
     return child if child is not None else getattr(module, name)

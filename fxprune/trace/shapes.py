@@ -10,10 +10,17 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.node import map_aggregate
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from fxprune.errors import TraceError, first_line
-from fxprune.trace.layer_shapes import binary_output, layer_output, unary_output
+from fxprune.trace.layer_shapes import (
+    arange_output,
+    binary_output,
+    cat_output,
+    empty_like,
+    layer_output,
+    unary_output,
+)
 from fxprune.trace.run import run_graph
 
 # Modules whose output has exactly their input's shape, dtype and layout: on the
@@ -66,10 +73,11 @@ class _ShapeRecorder:
     def __init__(self, on_meta: bool) -> None:
         self.on_meta = on_meta
         self.meta_modules: dict[str, nn.Module] = {}
+        self.metadata: dict[tuple, TensorMetadata] = {}
 
     def record(self, n: fx.Node, result) -> None:
         if isinstance(result, torch.Tensor):  # the common case, without the walk below
-            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+            n.meta["tensor_meta"] = self.tensor_metadata(result)
             return
         found = False
 
@@ -77,7 +85,7 @@ class _ShapeRecorder:
             nonlocal found
             if isinstance(obj, torch.Tensor):
                 found = True
-                return _extract_tensor_metadata(obj)
+                return self.tensor_metadata(obj)
             return obj
 
         meta = map_aggregate(result, tensor_meta)
@@ -86,11 +94,22 @@ class _ShapeRecorder:
         elif _is_plain_value(result):
             n.meta["value"] = result
 
+    def tensor_metadata(self, t: torch.Tensor) -> TensorMetadata:
+        """`_extract_tensor_metadata(t)`, made once for all the tensors alike in all it
+        reads (it finds the memory format in Python, 10 us a tensor)."""
+        if t.layout is not torch.strided or t.is_quantized:
+            return _extract_tensor_metadata(t)
+        key = (t.shape, t.stride(), t.dtype, t.requires_grad)
+        found = self.metadata.get(key)
+        if found is None:
+            found = self.metadata[key] = _extract_tensor_metadata(t)
+        return found
+
     def call_module(self, target: str, module: nn.Module, args: tuple, kwargs: dict):
         if not self.on_meta:
             return module(*args, **kwargs)
         if _keeps_shape(module, args, kwargs):
-            return torch.empty_like(args[0])  # shape, dtype and layout are the input's
+            return empty_like(args[0])  # shape, dtype and layout are the input's
         formula = layer_output(module, args, kwargs)
         if formula is not None:
             return formula
@@ -102,9 +121,11 @@ class _ShapeRecorder:
         formula = None
         if self.on_meta:
             if target in _FACTORY_FUNCTIONS:
-                return target(*args, **{**kwargs, "device": "meta"})
+                formula = arange_output(target, args, kwargs)
+                return target(*args, **{**kwargs, "device": "meta"}) if formula is None else formula
             formula = binary_output(target, args, kwargs)
             formula = unary_output(target, args, kwargs) if formula is None else formula
+            formula = cat_output(target, args, kwargs) if formula is None else formula
         return target(*args, **kwargs) if formula is None else formula
 
     def get_attr(self, target: str, value):

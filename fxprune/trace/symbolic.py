@@ -8,14 +8,17 @@ values (sizes, ints, tuples) `node.meta["value"]`. Later stages read these.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.proxy import Scope
 
 from fxprune.errors import TraceError, first_line
 from fxprune.modules import BorderTerm
@@ -25,6 +28,7 @@ from fxprune.trace.graph_module import graph_module
 # opaque kernels. The channel analysis freezes whatever they touch.
 _OPAQUE_PREFIXES = ("torchvision.ops.deform_conv", "torchvision.ops.roi", "torchvision.ops.ps_roi")
 _MAX_AUTO_LEAVES = 32
+_PLAIN_ARGUMENTS = frozenset({int, float, bool, str, type(None)})
 CANNOT_TRACE = "fx cannot trace inside"
 
 
@@ -53,6 +57,8 @@ class LeafPolicyTracer(fx.Tracer):
     def __init__(self, leaves: dict[str, str]) -> None:
         super().__init__()
         self.leaves = leaves
+        self.module_stack = _ModuleStack()
+        self.scope = _Scope("", None)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaves:
@@ -66,12 +72,47 @@ class LeafPolicyTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def create_arg(self, a: Any) -> Any:
+        """fx's `create_arg`, sooner for the commonest arguments: a proxy is its node, a
+        number or string itself, a plain tuple, list or dict (string keys) that of its
+        items' (fx first asks of each whether it is a parameter, tensor, module, named
+        tuple or constant: microseconds an argument)."""
+        if isinstance(a, fx.Proxy):
+            return a.node
+        kind = type(a)
+        if kind in _PLAIN_ARGUMENTS:
+            return a
+        if kind is tuple:
+            return tuple([self.create_arg(item) for item in a])
+        if kind is list:
+            return [self.create_arg(item) for item in a]
+        if kind is dict and all(type(key) is str for key in a):
+            return {key: self.create_arg(value) for key, value in a.items()}
+        return super().create_arg(a)
+
     def innermost_module(self) -> str:
         """Qualified name of the module being traced when tracing failed."""
         for _key, (qualname, _type) in reversed(self.module_stack.items()):
             if qualname:
                 return qualname
         return ""
+
+
+class _ModuleStack(collections.OrderedDict):
+    """fx's stack of the modules being traced, which fx copies into every node's
+    `nn_module_stack` meta with `copy.copy` (through the pickle protocol, 2.7 us): the
+    copy, a plain OrderedDict as before, is made directly."""
+
+    def __copy__(self) -> collections.OrderedDict:
+        return collections.OrderedDict(self)
+
+
+class _Scope(Scope):
+    """fx's current scope (module path and type), which fx saves with `copy.copy` (the
+    pickle protocol) around every module call: saved directly."""
+
+    def __copy__(self) -> Scope:
+        return Scope(self.module_path, self.module_type)
 
 
 _LAYER_BASES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d,
