@@ -211,9 +211,10 @@ def inputs_read(module: nn.Module, live_rows: np.ndarray) -> np.ndarray:
     if rows.size == 0:
         return np.zeros(w.shape[1], bool)
     read = w[rows[0]].any(axis=1)
-    if not read.all():
-        open_cols = np.nonzero(~read)[0]
-        read[open_cols] = w[:, open_cols][rows].any(axis=(0, 2))
+    if not read.all():  # some column unread by that row: OR the live rows together
+        live = w if rows.size == w.shape[0] else w[rows]  # (rows are contiguous copies)
+        taps = np.logical_or.reduce(live.reshape(rows.size, -1) != 0, axis=0)
+        read |= taps.reshape(w.shape[1], -1).any(axis=1)
     return read
 
 
