@@ -29,6 +29,8 @@ from fxprune.compile.liveness import ProbeValues, any_true, channel_nodes, first
 
 __all__ = ["constant_values"]
 
+# dtypes whose tensors are masked in numpy (np.where keeps them: a Python 0 is weak)
+_NUMPY_DTYPES = (torch.float32, torch.float64)
 # rules under which a node can have constant channels (liveness._forward_const)
 _RUN = ("bn", "elementwise", "conv", "grouped", "depthwise", "border", "structural")
 
@@ -189,10 +191,10 @@ def _reduced(out, ids, mask):
     mask = np.asarray(mask, bool)
     if mask.all():
         return out
-    keep = mask.reshape(1, *ids.shape, *[1] * rest)
-    if out.dtype in (torch.float32, torch.float64) and out.device.type == "cpu":
-        array = out.detach().numpy()  # np.where makes a new array: `out` may be a view
-        return torch.from_numpy(np.where(keep, array, array.dtype.type(0)))
+    keep = mask.reshape((1, *ids.shape) + (1,) * rest)
+    if out.dtype in _NUMPY_DTYPES and out.is_cpu and not out.requires_grad:
+        # np.where makes a new array (`out` may be a view of an input or a weight)
+        return torch.from_numpy(np.where(keep, out.numpy(), 0))
     return torch.where(torch.from_numpy(keep), out, torch.zeros((), dtype=out.dtype))
 
 

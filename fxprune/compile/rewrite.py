@@ -401,15 +401,11 @@ class Rewriter:
         module = self.modules[node.target]
         new = fresh_copy(module)
         idx = np.nonzero(keep)[0]
-        for name in ("weight", "bias"):
-            value = getattr(module, name, None)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            value = _tensor_attribute(module, name)
             if isinstance(value, nn.Parameter):
                 put(new, name, _param(_taken(value, idx, 0), value))
             elif isinstance(value, torch.Tensor):
-                put(new, name, _taken(value, idx, 0))  # a copy
-        for name in ("running_mean", "running_var"):
-            value = getattr(module, name, None)
-            if value is not None:
                 put(new, name, _taken(value, idx, 0))  # a copy
         if hasattr(new, "num_features"):
             set_plain(new, "num_features", len(idx))
@@ -420,6 +416,14 @@ class Rewriter:
         from fxprune.compile.literal_args import fix_literal_channel_args
 
         fix_literal_channel_args(node, self.keep)
+
+
+def _tensor_attribute(module: nn.Module, name: str):
+    """`getattr(module, name, None)`, from the parameter and buffer tables first."""
+    value = module._parameters.get(name)
+    if value is None:
+        value = module._buffers.get(name)
+    return value if value is not None else getattr(module, name, None)
 
 
 def _dtype_of(node: fx.Node) -> torch.dtype:
