@@ -41,9 +41,13 @@ class ChannelLabeller:
         self.frozen: dict[int, str] = {}  # raw id -> reason
         self.sites: list[tuple[str, str, str, str, np.ndarray]] = []
         self.module_calls: dict[str, int] = {}
+        read_attributes: set[str] = set()
         for node in gm.graph.nodes:
             if node.op == "call_module":
                 self.module_calls[node.target] = self.module_calls.get(node.target, 0) + 1
+            elif node.op == "get_attr" and node.users:  # (export leaves some unused)
+                read_attributes.add(node.target)
+        self.used_elsewhere = _used_elsewhere(self.module_calls, read_attributes)
 
     # -- bookkeeping -------------------------------------------------------
     def fresh(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -129,6 +133,8 @@ class ChannelLabeller:
         stateful = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
         if stateful and self.module_calls[node.target] > 1:
             return self.frozen_output(node, f"{op_name(node)}: module called more than once")
+        if stateful and node.target in self.used_elsewhere:
+            return self.frozen_output(node, f"{op_name(node)}: {self.used_elsewhere[node.target]}")
         if isinstance(module, BorderTerm):  # reads only its input's spatial size
             return self.set(node, self.fresh((module.kernel.shape[0],)), "border")
         x = node.args[0] if node.args else None
@@ -245,6 +251,25 @@ def _has_channels(node: fx.Node) -> bool:
 def _produces_tensor(node: fx.Node) -> bool:
     meta = node.meta.get("tensor_meta")
     return meta is not None
+
+
+def _used_elsewhere(called: dict[str, int], read: set[str]) -> dict[str, str]:
+    """Called modules whose state the graph also reaches another way, with why: a
+    module inside another called module (a leaf runs it too: slicing it would change
+    the leaf), or one whose own tensors a `get_attr` reads."""
+    found: dict[str, str] = {}
+    for target in called:
+        parts = target.split(".")
+        outers = [".".join(parts[:i]) for i in range(1, len(parts))]
+        outer = next((o for o in outers if o in called), None)
+        if outer is not None:
+            found[target] = f"also run inside {outer}"
+    for attribute in read:
+        parts = attribute.split(".")
+        for owner in (".".join(parts[:i]) for i in range(1, len(parts))):
+            if owner in called:
+                found.setdefault(owner, f"its tensor {attribute} is also read directly")
+    return found
 
 
 __all__ = [
