@@ -78,11 +78,17 @@ def _record_channels(values: dict[fx.Node, object], nodes):
     return record
 
 
+def as_array(t: torch.Tensor) -> np.ndarray:
+    """`t`'s values as a numpy array (a view on the CPU; bfloat16, which numpy lacks,
+    as float32). Liveness and the rewrite read weights and small tensors this way: a
+    numpy call costs a fraction of a torch op's dispatch."""
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
 def first_values(t: torch.Tensor, ids: np.ndarray) -> np.ndarray:
     """Each channel's value (float64) at sample 0, first position: (N, *block, *rest)."""
-    t = t.detach()[0].cpu()
-    array = (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bfloat16
-    return array.reshape(ids.size, -1)[:, 0].astype(np.float64)
+    return as_array(t[0]).reshape(ids.size, -1)[:, 0].astype(np.float64)
 
 
 def probe_values(gm: fx.GraphModule, example: torch.Tensor, nodes=None) -> ProbeValues:
@@ -141,8 +147,7 @@ def nonzero_taps(module: nn.Module) -> np.ndarray:
     cached = _TAPS.get(module)
     if cached is not None and cached[0] == key:
         return cached[1]
-    w = module.weight.detach().cpu()
-    w = (w.float() if w.dtype == torch.bfloat16 else w).numpy()  # numpy has no bfloat16
+    w = as_array(module.weight)
     if w.ndim == 2 or w[0, 0].size == 1:  # Linear or 1x1 kernel: one tap per pair
         taps = w.reshape(w.shape[0], w.shape[1]) != 0
     else:
@@ -162,8 +167,7 @@ def per_row_inputs(module: nn.Module, per_input: np.ndarray) -> np.ndarray:
 
 def _weight3(module: nn.Module) -> np.ndarray:
     """The weight as an (out, in/groups, taps) array (a view; bfloat16 as float32)."""
-    w = module.weight.detach().cpu()
-    w = (w.float() if w.dtype == torch.bfloat16 else w).numpy()
+    w = as_array(module.weight)
     return w.reshape(w.shape[0], w.shape[1], -1)
 
 
@@ -236,8 +240,7 @@ def zero_gamma(module: nn.Module) -> np.ndarray | None:
     w = getattr(module, "weight", None)
     if w is None:
         return None
-    w = w.detach().cpu()
-    return (w.float() if w.dtype == torch.bfloat16 else w).numpy() == 0
+    return as_array(w) == 0
 
 
 def aligned_operands(node: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
@@ -451,6 +454,7 @@ __all__ = [
     "ProbeValues",
     "aligned_operands",
     "any_true",
+    "as_array",
     "channel_nodes",
     "find_liveness",
     "first_values",

@@ -17,6 +17,7 @@ from torch import nn
 from fxprune.analysis.vocabulary import BINARY_FUNCTIONS, BINARY_METHODS, tensor_shape
 from fxprune.compile.liveness import (
     aligned_operands,
+    as_array,
     channel_nodes,
     flat,
     per_row_inputs,
@@ -75,14 +76,6 @@ def replace_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
 def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
     t = t.to(device=like.device, dtype=like.dtype).contiguous()
     return nn.Parameter(t, requires_grad=like.requires_grad)
-
-
-def _array(t: torch.Tensor) -> np.ndarray:
-    """`t`'s values as a numpy array (a view on the CPU; bfloat16, which numpy lacks,
-    as float32). The rewrite's arithmetic on small tensors runs in numpy: a numpy
-    call costs a fraction of a torch op's dispatch."""
-    t = t.detach().cpu()
-    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def _taken(t: torch.Tensor, idx: np.ndarray, dim: int) -> torch.Tensor:
@@ -300,7 +293,7 @@ class Rewriter:
         if not take.any():
             return None
         values = np.where(take, self.live.values[x], 0.0)
-        weight, shape = _array(module.weight), tuple(module.weight.shape)
+        weight, shape = as_array(module.weight), tuple(module.weight.shape)
         weight = weight.reshape(shape[0], shape[1], -1)  # (out, in/groups, taps)
         if getattr(module, "groups", 1) == 1:  # one matrix-vector product per tap
             # in the layer's own precision (at least float32), as the conv itself sums
@@ -321,7 +314,7 @@ class Rewriter:
             kind = "bias"
         self.absorbed[node.name] = kind
         if kind == "bias":
-            old = _array(conv.bias).astype(np.float64) if conv.bias is not None else 0.0
+            old = as_array(conv.bias).astype(np.float64) if conv.bias is not None else 0.0
             put(conv, "bias", _param(torch.from_numpy(old + bias), conv.weight))
         elif kind == "border":
             self._add_border_term(node, conv, torch.from_numpy(delta))
@@ -379,7 +372,7 @@ class Rewriter:
         full = np.zeros(len(keep))
         full[keep] = bias
         mean = bn.running_mean
-        shifted = torch.from_numpy(_array(mean).astype(np.float64) - full)
+        shifted = torch.from_numpy(as_array(mean).astype(np.float64) - full)
         put(bn, "running_mean", shifted.to(device=mean.device, dtype=mean.dtype))
         replace_module(self.gm, target, bn)
         self.modules[target] = bn  # rewrite_bn slices this one
